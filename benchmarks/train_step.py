@@ -1,0 +1,190 @@
+"""Train-step throughput against this machine's dense matmul peak (model FLOP utilisation).
+
+    python benchmarks/train_step.py [--out=benchmarks/results/train_step.json] [--steps=N]
+
+Measures (1) the FLOP/s of a jitted float32 square matmul and (2) for the `--exp=lm` default
+preset and a d_model=512 small LM, the real train step (state_shardings, init_state,
+make_train_step, jit_train_step on the mesh of MeshConfig(), as the training loop builds it):
+tokens/s, model FLOP/s and their ratio to the matmul FLOP/s.
+
+The ratio divides the model FLOP/s of the median step by the best FLOP/s of the reference matmul
+(the machine's peak, as in MFU). Shared CPUs (VMs) drift by up to 2x from second to second, so the
+reference matmul also runs after every timed step and the peak is its best over the whole run; the
+JSON keeps the median of the matmuls beside each config's steps (both saw the same interference).
+
+Model FLOPs per token follow PaLM (Chowdhery et al. 2022, arXiv 2204.02311, appendix B):
+6 N + 12 L H Q T, with N the matmul parameters (every Linear kernel: attention, MLP and the
+unembedding; not the embedding table, not norm scales), L layers, H query heads, Q head dim and T
+the sequence length. The attention term counts the full T x T score matrix, as PaLM does: no
+halving for the causal mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments import lm  # noqa: E402
+from jaxtricks import sharding  # noqa: E402
+from jaxtricks.config import Config  # noqa: E402
+from jaxtricks.models.transformer import ModelConfig, Transformer  # noqa: E402
+from jaxtricks.train import step as step_lib  # noqa: E402
+from jaxtricks.train.config import TrainConfig  # noqa: E402
+from jaxtricks.train.losses import LOSSES  # noqa: E402
+from jaxtricks.train.optimizer import lr_schedule, make_optimizer  # noqa: E402
+from jaxtricks.train.state import init_state, state_shardings  # noqa: E402
+
+flags.DEFINE_string("out", "benchmarks/results/train_step.json", "JSON output path")
+flags.DEFINE_integer("steps", 10, "timed train steps per config (after 2 warm-up steps)")
+flags.DEFINE_integer("matmul_n", 2048, "size of the square reference matmul")
+FLAGS = flags.FLAGS
+
+WARMUP = 2
+MATMULS_PER_STEP = 3
+
+
+def configs() -> dict[str, Config]:
+  """The `--exp=lm` default preset and a d_model=512 small LM (byte vocabulary)."""
+  d512 = Config(model=ModelConfig(d_model=512, n_layers=6, n_heads=8),
+                train=TrainConfig(batch_size=4, seq_len=256))
+  return {"lm_default": lm.get_config("default"), "d512": d512}
+
+
+def matmul_fn(m: int, k: int, n: int) -> tuple[Callable[[], jax.Array], int]:
+  """A jitted float32 (m, k) @ (k, n) matmul, warmed up, and its FLOPs."""
+  a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+  f = jax.jit(jnp.matmul)
+  for _ in range(WARMUP):
+    f(a, b).block_until_ready()
+  return lambda: f(a, b), 2 * m * k * n
+
+
+def seconds(fn: Callable[[], object]) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
+
+
+def model_flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int) -> tuple[int, int]:
+  """(6 N, 12 L H Q T): the dense and attention terms of the PaLM formula."""
+  return 6 * n_matmul, 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
+
+
+def bench_config(config: Config, steps: int) -> dict:
+  """Times the jitted train step exactly as jaxtricks.train.loop builds it."""
+  config.validate()
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(config.model)
+  tx = make_optimizer(tc)
+  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
+  state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, LOSSES[tc.loss], lr_schedule(tc)), shardings, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.model.vocab_size, (tc.batch_size, tc.seq_len + 1), np.int32)
+  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                         sharding.batch_sharding(mesh))
+  n_matmul = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(
+      state.params) if jax.tree_util.keystr(path).endswith("['kernel']"))
+
+  def one() -> dict:
+    nonlocal state
+    state, m = train_step(state, batch)
+    return m
+
+  first_s = seconds(one)  # compilation and the first step
+  for _ in range(WARMUP - 1):
+    seconds(one)
+  matmul, mm_flops = matmul_fn(FLAGS.matmul_n, FLAGS.matmul_n, FLAGS.matmul_n)
+  times, mm_times = [], []
+  for _ in range(steps):
+    times.append(seconds(one))
+    mm_times += [seconds(matmul) for _ in range(MATMULS_PER_STEP)]
+  step_s = statistics.median(times)
+  shaped, shaped_flops = matmul_fn(tc.batch_size * tc.seq_len, config.model.d_model,
+                                   config.model.ff_dim)
+  dense, attn = model_flops_per_token(config.model, n_matmul, tc.seq_len)
+  tokens_per_step = tc.batch_size * tc.seq_len
+  mc = config.model
+  return {
+      "model": {"d_model": mc.d_model, "n_layers": mc.n_layers, "n_heads": mc.n_heads,
+                "head_dim": mc.dim_per_head, "d_ff": mc.ff_dim, "vocab_size": mc.vocab_size,
+                "dtype": mc.dtype, "attn_impl": mc.attn_impl},
+      "batch_size": tc.batch_size, "seq_len": tc.seq_len, "matmul_params": n_matmul,
+      "flops_per_token": dense + attn, "flops_per_token_dense": dense,
+      "flops_per_token_attention": attn, "first_step_s": first_s,
+      "step_s_median": step_s, "step_s_min": min(times), "steps_timed": steps,
+      "tokens_per_s": tokens_per_step / step_s,
+      "model_flops_per_s": tokens_per_step * (dense + attn) / step_s,
+      "model_flops_per_s_best_step": tokens_per_step * (dense + attn) / min(times),
+      "matmul_flops_per_s_median": mm_flops / statistics.median(mm_times),
+      "matmul_flops_per_s_best": mm_flops / min(mm_times),
+      # The config's largest matmul alone (tokens x d_model x d_ff, forward shape), best of 10.
+      "shaped_matmul_flops_per_s": shaped_flops / min(seconds(shaped) for _ in range(10)),
+  }
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  n = FLAGS.matmul_n
+  matmul, mm_flops = matmul_fn(n, n, n)
+  mm_times = [seconds(matmul) for _ in range(10)]
+  results = {name: bench_config(config, FLAGS.steps) for name, config in configs().items()}
+  peak = max(mm_flops / min(mm_times), *(r["matmul_flops_per_s_best"] for r in results.values()))
+  for r in results.values():
+    r["ratio_to_matmul"] = r["model_flops_per_s"] / peak
+    r["ratio_best_step"] = r["model_flops_per_s_best_step"] / peak
+
+  print(f"float32 matmul {n}^3: peak (best of the run) {peak / 1e9:.1f} GFLOP/s; alone before the "
+        f"configs: best {mm_flops / min(mm_times) / 1e9:.1f}, median "
+        f"{mm_flops / statistics.median(mm_times) / 1e9:.1f} of 10")
+  print("model FLOPs/token = 6 N + 12 L H Q T (PaLM app. B: full T x T attention, no causal "
+        "halving); N = matmul weights incl. unembedding, excl. embedding table")
+  print("ratio = median step / peak; best = best step / peak; mm: the reference matmul between "
+        "the config's steps; shaped: its (B T) x d_model x d_ff matmul alone (1e9 FLOP/s)")
+  head = (f"{'config':<11}{'B x T':>10}{'N':>12}{'MFLOP/tok':>10}{'step s':>8}{'tok/s':>8}"
+          f"{'GFLOP/s':>9}{'mm med':>8}{'mm best':>8}{'ratio':>7}{'best':>7}{'shaped':>8}")
+  print(head)
+  print("-" * len(head))
+  for name, r in results.items():
+    print(f"{name:<11}{r['batch_size']:>4} x {r['seq_len']:<4}{r['matmul_params']:>12,}"
+          f"{r['flops_per_token'] / 1e6:>10.1f}{r['step_s_median']:>8.3f}"
+          f"{r['tokens_per_s']:>8.0f}{r['model_flops_per_s'] / 1e9:>9.1f}"
+          f"{r['matmul_flops_per_s_median'] / 1e9:>8.1f}{r['matmul_flops_per_s_best'] / 1e9:>8.1f}"
+          f"{r['ratio_to_matmul']:>7.1%}{r['ratio_best_step']:>7.1%}"
+          f"{r['shaped_matmul_flops_per_s'] / 1e9:>8.1f}")
+
+  out = {
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend(), "devices": jax.device_count(),
+                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
+      "matmul": {"n": n, "dtype": "float32", "peak_flops_per_s": peak,
+                 "alone_reps": len(mm_times), "alone_flops_per_s_best": mm_flops / min(mm_times),
+                 "alone_flops_per_s_median": mm_flops / statistics.median(mm_times)},
+      "flops_formula": "6*N_matmul + 12*L*H*Q*T per token (PaLM app. B; no causal halving)",
+      "ratio": "model FLOP/s of the median step / peak (best reference matmul of the run)",
+      "configs": results,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Corpus readers, synthetic task generators and deterministic batching."""

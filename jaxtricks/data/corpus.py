@@ -1,0 +1,109 @@
+"""Byte-level text corpora: the running interpreter's standard library source, or a user glob.
+
+Files are read in sorted order and split into train / held-out by a stable hash of each file's
+path relative to the corpus root, so the split never depends on the machine, the file order or the
+seed. Tokens are bytes (vocabulary 256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import sysconfig
+
+import numpy as np
+from absl import logging
+
+from jaxtricks.errors import ConfigError, DataError
+
+STDLIB = "stdlib"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  corpus: str = STDLIB        # 'stdlib' or a glob of text files ('**' recurses)
+  val_fraction: float = 0.05  # fraction of files held out (by path hash)
+  max_bytes: int = 0          # 0: the whole corpus; else keep the first max_bytes of each split
+
+  def validate(self) -> None:
+    if not 0.0 < self.val_fraction < 1.0:
+      raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+    if self.max_bytes < 0:
+      raise ConfigError(f"data.max_bytes must be >= 0, got {self.max_bytes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  train: np.ndarray  # uint8 bytes
+  val: np.ndarray
+  n_train_files: int
+  n_val_files: int
+  source: str
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+  """The root of the running interpreter's standard library and its .py files, sorted."""
+  root = sysconfig.get_paths()["stdlib"]
+  files = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+           if "site-packages" not in f and "dist-packages" not in f]
+  return root, sorted(files, key=lambda f: os.path.relpath(f, root))
+
+
+def glob_files(pattern: str) -> tuple[str, list[str]]:
+  files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(f))
+  root = os.path.commonpath(files) if files else ""
+  if len(files) == 1:
+    root = os.path.dirname(root)
+  return root, files
+
+
+def is_held_out(relpath: str, val_fraction: float) -> bool:
+  """Stable across machines and runs: the first 8 bytes of md5(path) as a fraction of 2**64."""
+  digest = hashlib.md5(relpath.replace(os.sep, "/").encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
+
+
+def load_corpus(cfg: DataConfig, min_len: int = 2) -> Corpus:
+  """Reads and splits the corpus; raises DataError if it is empty, unreadable or too short."""
+  if cfg.corpus == STDLIB:
+    root, files = stdlib_files()
+  else:
+    root, files = glob_files(cfg.corpus)
+  if not files:
+    raise DataError(f"corpus {cfg.corpus!r} matched no files")
+  parts: dict[bool, list[bytes]] = {False: [], True: []}
+  unreadable = []
+  for path in files:
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      unreadable.append(f"{path}: {e.strerror}")
+      continue
+    if data:
+      parts[is_held_out(os.path.relpath(path, root), cfg.val_fraction)].append(data)
+  if unreadable:
+    logging.warning("skipped %d unreadable files, first: %s", len(unreadable), unreadable[0])
+  n_val_files, n_train_files = len(parts[True]), len(parts[False])
+  train, val = b"".join(parts[False]), b"".join(parts[True])
+  if not train and not val:
+    reason = f"all {len(files)} files are unreadable" if unreadable else "all files are empty"
+    raise DataError(f"corpus {cfg.corpus!r} holds no text: {reason}")
+  if not val or not train:
+    # Too few files for a split by path: hold out the tail of the bytes instead.
+    data = train or val
+    cut = int(len(data) * (1 - cfg.val_fraction))
+    train, val = data[:cut], data[cut:]
+    logging.info("corpus %r: too few files for a split by path; held out its last %d bytes",
+                 cfg.corpus, len(val))
+  if cfg.max_bytes:
+    train, val = train[:cfg.max_bytes], val[:cfg.max_bytes]
+  for name, split in (("train", train), ("held-out", val)):
+    if len(split) < min_len:
+      raise DataError(f"corpus {cfg.corpus!r}: the {name} split has {len(split)} bytes, "
+                      f"fewer than one sequence ({min_len})")
+  return Corpus(np.frombuffer(train, np.uint8), np.frombuffer(val, np.uint8),
+                n_train_files, n_val_files, cfg.corpus)

@@ -1,0 +1,46 @@
+"""A dense layer as one matmul, with logical axis names on its kernel and mixed precision.
+
+Every projection in the Transformer goes through `Linear`, so a trick that changes how weights are
+stored or multiplied (sparsity, low-rank adapters) replaces this one module.
+"""
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxtricks.layers.dtypes import resolve_dtype
+
+
+def default_init(std: float = 0.02):
+  return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+  """y = x W contracting the trailing `in_ndim` axes of x with W's leading axes.
+
+  features: output shape (e.g. (N, H) for a head projection); axes: logical names of W's axes
+  (input axes then output axes).
+  """
+  features: Sequence[int]
+  axes: Sequence[str]
+  in_ndim: int = 1
+  std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    in_shape = x.shape[-self.in_ndim:]
+    shape = (*in_shape, *self.features)
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(default_init(self.std), tuple(self.axes)),
+        shape, resolve_dtype(self.param_dtype))
+    dtype = resolve_dtype(self.dtype)
+    # One (rows, n_in) @ (n_in, n_out) matmul: the einsum over several batch and feature axes
+    # lowers to a batched dot that runs ~15% slower on CPU.
+    n_in, n_out = math.prod(in_shape), math.prod(self.features)
+    batch_shape = x.shape[:x.ndim - self.in_ndim]
+    y = x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)
+    return y.reshape(*batch_shape, *self.features)

@@ -1,0 +1,1 @@
+"""Model configs and the Transformer LM that composes layers by config."""

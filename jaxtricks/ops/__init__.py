@@ -1,0 +1,1 @@
+"""Pure jnp functions: the mathematics of each trick, no Flax, no state."""

@@ -1,0 +1,91 @@
+"""Scaled dot-product attention with grouped key/value heads, and the KV-cache size it implies.
+
+softmax(q k^T / sqrt(H) + mask) v (Vaswani et al. 2017, arXiv 1706.03762) for N query heads and K
+key/value heads: MHA K = N, GQA 1 < K < N (Ainslie et al. 2023, arXiv 2305.13245), MQA K = 1
+(Shazeer 2019, arXiv 1911.02150). Queries are reshaped to (B, T, K, G = N/K, H) so every group
+reads its K/V head without repeating it. Cross-Layer Attention (Brandon et al. 2024, arXiv
+2405.12981) shares K/V between layers; KV bytes per token = 2 K H (number of K/V-producing layers)
+(bytes per element).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_NEG_INF = -1e30
+IMPLEMENTATIONS = ("naive", "xla", "cudnn")
+
+
+def causal_mask(q_pos_BxT: jnp.ndarray, k_pos_BxS: jnp.ndarray) -> jnp.ndarray:
+  """(B, T, S) boolean: query at position p may attend keys at positions <= p."""
+  return q_pos_BxT[:, :, None] >= k_pos_BxS[:, None, :]
+
+
+def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.ndarray,
+              mask_BxTxS: jnp.ndarray | None = None, implementation: str = "naive",
+              causal: bool = False) -> jnp.ndarray:
+  """Attention output (B, T, N, H); logits and softmax in float32.
+
+  implementation: 'naive' (two einsums, any backend), or 'xla' / 'cudnn', which call
+  jax.nn.dot_product_attention ('cudnn' needs an NVIDIA GPU and float16/bfloat16 inputs).
+  causal: queries and keys are both at positions 0..T-1 (a static mask, or the backend's causal
+  kernel); combined with `mask_BxTxS` when both are given.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  s, k = k_BxSxKxH.shape[1:3]
+  if n % k:
+    raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({k})")
+  if causal and s != t:
+    raise ValueError(f"causal attention needs as many keys as queries, got {s} and {t}")
+  if implementation in ("xla", "cudnn"):
+    mask = None if mask_BxTxS is None else mask_BxTxS[:, None]
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask,
+                                        is_causal=causal, implementation=implementation)
+  if implementation != "naive":
+    raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
+                     f"{', '.join(IMPLEMENTATIONS)}")
+  if causal:
+    tril_1xTxS = np.tril(np.ones((1, t, s), bool))
+    mask_BxTxS = tril_1xTxS if mask_BxTxS is None else mask_BxTxS & tril_1xTxS
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+  logits_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
+                                preferred_element_type=jnp.float32) * (h ** -0.5)
+  if mask_BxTxS is not None:
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _NEG_INF)
+  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+  out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+  return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
+def kv_sources(n_layers: int, sharing: int = 1, layout: tuple[int, ...] = ()) -> tuple[int, ...]:
+  """Layer i reads the K/V produced by layer kv_sources[i] (a producer has kv_sources[i] == i).
+
+  An explicit `layout` wins (KeepEnds, DenseFront, DenseBack, ...). Otherwise sharing factor s
+  (CLA-s): groups of s consecutive layers share the first one's K/V; when s does not divide the
+  depth, the first group is the short one (20 layers, CLA3: 7 producers, as in the CLA paper).
+  """
+  if layout:
+    if len(layout) != n_layers:
+      raise ValueError(f"kv layout has {len(layout)} entries for {n_layers} layers")
+    for i, src in enumerate(layout):
+      if not 0 <= src <= i or layout[src] != src:
+        raise ValueError(f"kv layout {layout}: layer {i} must read a producing layer at or "
+                         f"before it (got {src})")
+    return tuple(layout)
+  if not 1 <= sharing <= n_layers:
+    raise ValueError(f"CLA sharing factor {sharing} must be between 1 and the depth {n_layers}")
+  first = n_layers % sharing or sharing
+  return tuple(0 if i < first else first + (i - first) // sharing * sharing
+               for i in range(n_layers))
+
+
+def kv_bytes_per_token(config, bytes_per_element: int | None = None) -> int:
+  """KV-cache bytes per token: 2 (K and V) * kv heads * head dim * producing layers * bytes.
+
+  `config` is a ModelConfig (duck-typed: kv_heads, dim_per_head, kv_producers, dtype).
+  """
+  if bytes_per_element is None:
+    bytes_per_element = jnp.dtype(config.dtype).itemsize
+  return 2 * config.kv_heads * config.dim_per_head * len(config.kv_producers) * bytes_per_element

@@ -1,0 +1,1 @@
+"""Train state, losses, the jit train step, the loop and optimizers."""

@@ -1,0 +1,204 @@
+"""The training loop: data -> jit train step -> metrics, evaluation and checkpoints -> summary.
+
+Tricks never change this file: they change the model (config.model), the loss (config.train.loss)
+or what an experiment does with the result.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxtricks import metrics as mlog
+from jaxtricks import sharding
+from jaxtricks.checkpoint import Checkpointer, abstract_with_shardings
+from jaxtricks.config import Config, flatten, to_dict
+from jaxtricks.data.batching import eval_batches, train_batch
+from jaxtricks.data.corpus import Corpus, load_corpus
+from jaxtricks.errors import ConfigError, UserError
+from jaxtricks.models.transformer import Transformer
+from jaxtricks.train import step as step_lib
+from jaxtricks.train.losses import LOSSES
+from jaxtricks.train.optimizer import lr_schedule, make_optimizer
+from jaxtricks.train.state import TrainState, count_params, init_state, state_shardings
+
+
+class NonFiniteLoss(UserError):
+  """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: TrainState
+  model: Transformer
+  summary: dict[str, Any]
+  corpus: Corpus
+  mesh: jax.sharding.Mesh
+
+
+def _to_global(batch: dict[str, np.ndarray], data_sharding, global_rows: int) -> dict:
+  return {k: jax.make_array_from_process_local_data(data_sharding, v, (global_rows, *v.shape[1:]))
+          for k, v in batch.items()}
+
+
+def check_resumable(workdir: str, config: Config) -> None:
+  """Refuses to resume a checkpoint written for a different model config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get("model", {})
+  current = json.loads(json.dumps(to_dict(config.model)))  # tuples -> lists, as saved
+  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  if diff:
+    changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+    raise ConfigError(f"{workdir} holds checkpoints of a different model ({changes}); use "
+                      "another --workdir or delete it")
+
+
+def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
+  return step_lib.mean_metrics([eval_step(params, b) for b in batches])
+
+
+def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
+  """Trains (or resumes) the model of `config` in `workdir`; returns the state and summary."""
+  t_start = time.time()
+  config.validate()
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  dp = sharding.data_parallel_size(mesh)
+  if tc.batch_size % dp:
+    raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the data-parallel "
+                      f"size {dp} (mesh.data * mesh.fsdp)")
+  corpus = load_corpus(config.data, min_len=tc.seq_len + 1)
+  os.makedirs(workdir, exist_ok=True)
+  model = Transformer(config.model)
+  tx = make_optimizer(tc)
+  schedule = lr_schedule(tc)
+  loss_fn = LOSSES[tc.loss]
+  abstract, shardings = state_shardings(model, tx, tc.seq_len, mesh)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
+                      tc.async_checkpoints)
+  start = ckpt.latest_step()
+  resumed = start is not None
+  start = start or 0
+  if resumed:
+    check_resumable(workdir, config)
+    state, meta = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
+    if meta.get("seed") != tc.seed:
+      logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"),
+                      tc.seed)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  else:
+    state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
+  mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
+  writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
+                           resume_step=start if resumed else None)
+  n_params = count_params(state.params)
+  logging.info("%s: %s parameters, mesh %s, %d devices, %d processes", exp, f"{n_params:,}",
+               dict(mesh.shape), jax.device_count(), jax.process_count())
+
+  data_sharding = sharding.batch_sharding(mesh)
+  pid, pcount = jax.process_index(), jax.process_count()
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, loss_fn, schedule),
+                                       shardings, mesh)
+  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, loss_fn), shardings, mesh)
+  val = [_to_global(b, data_sharding, tc.batch_size)
+         for b in eval_batches(corpus.val, tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
+
+  tokens_per_step = tc.batch_size * tc.seq_len
+  recent = collections.deque(maxlen=max(1, min(tc.log_every or 1, 50)))
+  last_good = start
+  clock = {"t0": None, "steps0": 0, "t_log": time.time(), "n_log": 0}
+
+  def handle(done: int, metrics: dict) -> None:
+    values = {k: float(v) for k, v in metrics.items()}
+    if not math.isfinite(values["loss"]):
+      kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory}"
+              if last_good else "no checkpoint had been saved")
+      raise NonFiniteLoss(f"loss is {values['loss']} at step {done}; training stopped and {kept}")
+    recent.append(values["loss"])
+    now = time.time()
+    first = done == start + 1  # includes compilation: throughput is timed from its end
+    if first:
+      clock["t0"], clock["steps0"], clock["t_log"], clock["n_log"] = now, done, now, 0
+    else:
+      clock["n_log"] += 1
+    if (tc.log_every and done % tc.log_every == 0) or done == tc.steps or first:
+      tps = clock["n_log"] * tokens_per_step / (now - clock["t_log"]) if clock["n_log"] else None
+      clock["t_log"], clock["n_log"] = now, 0
+      eta = (tc.steps - done) * tokens_per_step / tps if tps else None
+      mlog.log_progress(mlog.progress_line(done, tc.steps, values, tps, eta))
+      writer.write(dict(step=done, tokens_per_s=tps, elapsed_s=now - t_start, **values))
+
+  def save(done: int) -> None:
+    nonlocal last_good
+    meta = {"step": done, "data_step": done, "seed": tc.seed, "exp": exp}
+    ckpt.save(done, state, meta, force=True)
+    last_good = done
+
+  pending = None
+  try:
+    for s in range(start, tc.steps):
+      batch = _to_global(train_batch(corpus.train, tc.seq_len, tc.batch_size, tc.seed, s, pid,
+                                     pcount), data_sharding, tc.batch_size)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        handle(*pending)  # read step s-1's metrics only after step s is dispatched
+      pending, done = (s + 1, metrics), s + 1
+      if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps:
+        handle(*pending)
+        pending = None
+        save(done)
+      if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+        val_metrics = evaluate(eval_step, state.params, val)
+        writer.write(dict(step=done, **{f"val_{k}": v for k, v in val_metrics.items()}))
+    if pending is not None:
+      handle(*pending)
+    jax.block_until_ready(state)
+  finally:
+    ckpt.wait()  # an error must not leave a half-written checkpoint behind
+    ckpt.close()
+  t_end = time.time()
+
+  final = evaluate(eval_step, state.params, val)
+  if start < tc.steps:  # a rerun of a finished run has logged its final evaluation already
+    writer.write(dict(step=tc.steps, **{f"val_{k}": v for k, v in final.items()}))
+  if not recent:  # resumed a finished run: take the last train loss from its log
+    recent.append(_last_logged(writer.path, "loss"))
+  trained = tc.steps - clock["steps0"] if clock["t0"] else 0
+  summary = {
+      "exp": exp,
+      "steps": tc.steps,
+      "params": n_params,
+      "final_train_loss": recent[-1],
+      "val_loss": final["loss"],
+      "val_bits_per_byte": final["loss"] / math.log(2),
+      "val_accuracy": final["accuracy"],
+      "tokens_per_s": trained * tokens_per_step / (t_end - clock["t0"]) if trained else None,
+      "wall_s": time.time() - t_start,
+      "devices": jax.device_count(),
+      "processes": jax.process_count(),
+      "config": flatten(config),
+  }
+  return RunResult(state, model, summary, corpus, mesh)
+
+
+def _last_logged(path: str, key: str) -> float | None:
+  value = None
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        value = record.get(key, value)
+  return value

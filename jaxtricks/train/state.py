@@ -1,0 +1,53 @@
+"""The train state (step, params, optimizer state, PRNG key) and its sharded initialisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtricks import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+  rng: jnp.ndarray  # raw uint32 key, so that checkpoints hold plain arrays
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
+  def init(rng: jnp.ndarray) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init(init_rng, tokens)["params"]  # boxed with logical axis names
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
+  return init
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
+                    mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES) -> tuple[Any, Any]:
+  """(abstract unboxed state, NamedSharding tree): parameters and their Adam moments are sharded
+  by the parameters' logical axis names, everything else replicated."""
+  boxed = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.key_data(jax.random.key(0)))
+  logical = nn.get_partition_spec(boxed)
+  abstract = nn.unbox(boxed)
+  return abstract, sharding.tree_shardings(logical, abstract, mesh, rules)
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
+               shardings: Any) -> TrainState:
+  """Initialises directly into the sharded layout (no full copy on one device)."""
+  init = _init_fn(model, tx, seq_len)
+  rng = jax.random.key_data(jax.random.key(seed))
+  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,50 @@
+"""The pure train step `step(state, batch) -> (state, metrics)` and the eval step, jitted with
+shardings and buffer donation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtricks import sharding
+from jaxtricks.train.state import TrainState
+
+
+def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
+                    schedule: optax.Schedule) -> Callable:
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+  return step
+
+
+def make_eval_step(model, loss_fn: Callable) -> Callable:
+  def step(params: Any, batch: dict) -> dict:
+    _, metrics = loss_fn(model, params, batch, jax.random.key(0))
+    return metrics
+  return step
+
+
+def jit_train_step(step: Callable, shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
+  data = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(shardings, data),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(step: Callable, shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
+  return jax.jit(step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def mean_metrics(metrics: list[dict]) -> dict[str, float]:
+  return {k: float(jnp.mean(jnp.stack([m[k] for m in metrics]))) for k in metrics[0]}

@@ -1,0 +1,117 @@
+"""Helpers shared by the tests: subprocess launches, metrics files, a small text corpus.
+
+Speed on a 2-core CPU comes from three things:
+- XLA's backend (LLVM) optimisation level 0: compiles about twice as fast and tiny models still
+  run fast (unless XLA_FLAGS already chooses a level);
+- a persistent compilation cache in a directory private to this test session (cold at every
+  session), shared by the test process and every subprocess, so one program compiles once;
+- one `launch.py --preset=smoke` run shared by every test that needs a finished run (conftest).
+
+Subprocesses run on the CPU platform with `--xla_force_host_platform_device_count` set as each
+test asks: the device count is fixed when JAX initialises, so several devices need a new process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Only programs that take this long to compile are cached (not every small op run eagerly).
+CACHE_MIN_COMPILE_S = 0.5
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+
+# The flags of the shared smoke run (conftest.smoke_run), as flags and as config overrides.
+SMOKE_FLAGS = ("--exp=lm", "--preset=smoke", "--steps=6", "--log_every=1", "--ckpt_every=3")
+SMOKE_OVERRIDES = {"train.steps": 6, "train.log_every": 1, "train.ckpt_every": 3}
+
+@functools.cache
+def cache_dir() -> str:
+  """This session's persistent compilation cache (created on first use, removed by conftest)."""
+  return tempfile.mkdtemp(prefix="jaxtricks-tests-xla-cache-")
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS of the environment without its device count, plus the fast-compile level and
+  `devices` host devices if given."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith(_DEVICE_COUNT_FLAG)]
+  if not any(f.startswith(_OPT_LEVEL_FLAG) for f in flags):
+    flags.append(f"{_OPT_LEVEL_FLAG}=0")
+  if devices:
+    flags.append(f"{_DEVICE_COUNT_FLAG}={devices}")
+  return " ".join(flags)
+
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(
+      XLA_FLAGS=xla_flags(devices if devices > 1 else None),
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=cache_dir(),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(CACHE_MIN_COMPILE_S),
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+      PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
+  )
+  return env
+
+
+def run_python(args: list[str], devices: int = 1, timeout: float = 300
+               ) -> subprocess.CompletedProcess:
+  """`python ARGS` in the repository root with `devices` CPU devices; captures text output."""
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(devices),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def launch(*flags: str, devices: int = 1) -> subprocess.CompletedProcess:
+  return run_python(["launch.py", *flags], devices=devices)
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+  return (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+          f"--- stderr\n{proc.stderr[-5000:]}")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_records(records: list[dict]) -> list[dict]:
+  """The per-step training records of a metrics.jsonl (evaluation records hold val_* only)."""
+  return [r for r in records if "loss" in r]
+
+
+def val_records(records: list[dict]) -> list[dict]:
+  return [r for r in records if "val_loss" in r]
+
+
+def duplicated_steps(records: list[dict]) -> list[tuple[str, int]]:
+  """(kind, step) pairs logged more than once, kind 'train' or 'val'."""
+  seen, dups = set(), []
+  for r in records:
+    key = ("train" if "loss" in r else "val", r["step"])
+    if key in seen:
+      dups.append(key)
+    seen.add(key)
+  return dups
+
+
+def write_text_corpus(directory: pathlib.Path, n_files: int = 24, n_bytes: int = 3000,
+                      seed: int = 0) -> str:
+  """Deterministic pseudo-text files in three subfolders; returns a recursive glob for them."""
+  rng = np.random.default_rng(seed)
+  alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz      \n.,", np.uint8)
+  for i in range(n_files):
+    sub = directory / f"part{i % 3}"
+    sub.mkdir(parents=True, exist_ok=True)
+    (sub / f"doc{i:03d}.txt").write_bytes(rng.choice(alphabet, n_bytes).tobytes())
+  return str(directory / "**" / "*.txt")

@@ -1,0 +1,152 @@
+"""launch.py end to end (subprocesses): the smoke run's files, resuming by rerunning the same
+command, and one-line errors without a traceback for every kind of user mistake."""
+
+import concurrent.futures
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from tests import support
+
+SUMMARY_KEYS = ("exp", "steps", "params", "final_train_loss", "val_loss", "val_bits_per_byte",
+                "tokens_per_s", "wall_s")
+
+
+def smoke_param_count(v=256, d=64, layers=2, f=192):
+  """Embedding, per layer (2 norms, q/k/v/o, SwiGLU gate/up/down), final norm, unembedding."""
+  return v * d + layers * (2 * d + 4 * d * d + 3 * d * f) + d + d * v
+
+
+def test_smoke_run_writes_config_metrics_summary_and_checkpoints(smoke_run):
+  workdir = smoke_run.workdir
+  config = smoke_run.config
+  assert config["exp"] == "lm"
+  assert config["model"]["d_model"] == 64 and config["model"]["n_layers"] == 2
+  assert config["train"]["steps"] == 6 and config["train"]["log_every"] == 1
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [3, 6]
+  assert (workdir / "loss.png").stat().st_size > 0
+
+
+def test_smoke_summary(smoke_run):
+  summary = smoke_run.summary
+  for key in SUMMARY_KEYS:
+    assert key in summary, key
+  assert summary["exp"] == "lm" and summary["steps"] == 6
+  assert summary["params"] == smoke_param_count() == 139_584
+  train, val = support.train_records(smoke_run.metrics), support.val_records(smoke_run.metrics)
+  assert summary["final_train_loss"] == train[-1]["loss"]
+  assert summary["val_loss"] == val[-1]["val_loss"]
+  assert summary["val_bits_per_byte"] == pytest.approx(summary["val_loss"] / math.log(2))
+  assert summary["tokens_per_s"] > 0 and summary["wall_s"] > 0
+  assert 0 < summary["val_loss"] < math.log(256)  # learned something about bytes
+  # launch.py prints the scalar part of the summary as JSON on stdout.
+  printed = json.loads(smoke_run.proc.stdout)
+  assert printed == {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
+
+
+def test_smoke_metrics(smoke_run):
+  records = smoke_run.metrics
+  assert support.duplicated_steps(records) == []
+  train = support.train_records(records)
+  assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in support.val_records(records)] == [6]
+  for r in train:
+    assert all(np.isfinite(r[k]) for k in ("loss", "grad_norm", "lr", "accuracy"))
+  assert train[-1]["loss"] < train[0]["loss"] - 1.0
+  assert train[0]["lr"] == 0.0 and train[-1]["lr"] > 0  # warm-up from zero
+
+
+@pytest.fixture(scope="module")
+def rerun(smoke_run, tmp_path_factory):
+  """The smoke command run again in (a copy of) its finished workdir."""
+  workdir = tmp_path_factory.mktemp("rerun") / "run"
+  shutil.copytree(smoke_run.workdir, workdir)
+  flags = [f for f in smoke_run.flags if not f.startswith("--workdir=")]
+  proc = support.launch(*flags, f"--workdir={workdir}")
+  return workdir, proc
+
+
+def _finished_rerun(rerun):
+  workdir, proc = rerun
+  assert proc.returncode == 0, support.describe(proc)
+  return workdir, proc
+
+
+def test_rerun_resumes_and_gives_the_same_summary(rerun, smoke_run):
+  workdir, proc = _finished_rerun(rerun)
+  assert "resumed from" in proc.stderr
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["val_loss"] == smoke_run.summary["val_loss"]
+  assert summary["final_train_loss"] == smoke_run.summary["final_train_loss"]
+  assert summary["steps"] == 6 and summary["params"] == smoke_run.summary["params"]
+  # Nothing was trained again: the training log is the first run's.
+  records = support.read_jsonl(workdir / "metrics.jsonl")
+  assert support.train_records(records) == support.train_records(smoke_run.metrics)
+
+
+def test_rerun_does_not_duplicate_metrics(rerun):
+  workdir, _ = _finished_rerun(rerun)
+  records = support.read_jsonl(workdir / "metrics.jsonl")
+  assert support.duplicated_steps(records) == []
+
+
+# name -> (flags, devices, substrings the one error line must contain)
+ERRORS = {
+    "unknown_exp": (["--exp=nope"], 1,
+                    ["unknown experiment 'nope'", "valid: lm, cla"]),
+    "unknown_preset": (["--exp=lm", "--preset=huge"], 1,
+                       ["no preset 'huge'", "valid: smoke, default, full"]),
+    "unknown_key": (["--preset=smoke", "--model.d_modle=32"], 1,
+                    ["unknown flag --model.d_modle", "did you mean --model.d_model"]),
+    "bad_type": (["--preset=smoke", "--model.d_model=abc"], 1,
+                 ["model.d_model: cannot parse 'abc' as int"]),
+    "heads_do_not_divide": (["--preset=smoke", "--model.n_heads=3"], 1,
+                            ["model.n_heads=3 does not divide model.d_model=64"]),
+    "batch_not_divisible": (["--preset=smoke", "--train.batch_size=12"], 8,
+                            ["train.batch_size=12 is not divisible by the data-parallel size 8"]),
+    "empty_corpus": (["--preset=smoke", "--data.corpus=/nonexistent/*.txt"], 1,
+                     ["corpus '/nonexistent/*.txt' matched no files"]),
+    "resume_other_model": (["--preset=smoke", "--model.d_model=32"], 1,
+                           ["holds checkpoints of a different model", "model.d_model: 64 -> 32",
+                            "use another --workdir"]),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(smoke_run, tmp_path_factory):
+  """Every case of ERRORS, two at a time (they are short and mostly single-threaded)."""
+  base = tmp_path_factory.mktemp("errors")
+  other_model = base / "resume_other_model"
+  shutil.copytree(smoke_run.workdir, other_model)
+
+  def run(name):
+    flags, devices, _ = ERRORS[name]
+    workdir = other_model if name == "resume_other_model" else base / name
+    return support.launch(*flags, f"--workdir={workdir}", devices=devices)
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    procs = dict(zip(ERRORS, pool.map(run, ERRORS), strict=True))
+  return procs, other_model
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_user_error_is_one_clear_line_without_traceback(error_runs, name):
+  procs, _ = error_runs
+  proc = procs[name]
+  assert proc.returncode not in (0, None), support.describe(proc)
+  assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+  error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error_lines) == 1, support.describe(proc)
+  assert proc.stderr.rstrip().splitlines()[-1] == error_lines[0]
+  for text in ERRORS[name][2]:
+    assert text in error_lines[0], support.describe(proc)
+
+
+def test_refused_resume_leaves_the_workdir_untouched(error_runs, smoke_run):
+  _, workdir = error_runs
+  assert json.loads((workdir / "config.json").read_text()) == smoke_run.config
+  assert support.read_jsonl(workdir / "metrics.jsonl") == smoke_run.metrics

@@ -1,0 +1,129 @@
+"""Mesh shapes and logical-axis rules; sharded runs (8 CPU devices, in a subprocess) equal the
+one-device run and really shard the parameters."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxtricks.errors import ConfigError
+from jaxtricks.sharding import MeshConfig, data_parallel_size, logical_to_spec
+from tests import support
+
+
+@pytest.mark.parametrize("cfg,devices,shape", [
+    (MeshConfig(), 8, (1, 8, 1)),
+    (MeshConfig(), 1, (1, 1, 1)),
+    (MeshConfig(data=2), 8, (2, 4, 1)),
+    (MeshConfig(data=2, fsdp=2, tensor=2), 8, (2, 2, 2)),
+    (MeshConfig(data=-1, fsdp=1, tensor=4), 8, (2, 1, 4)),
+])
+def test_mesh_shape(cfg, devices, shape):
+  cfg.validate()
+  assert cfg.shape(devices) == shape
+
+
+@pytest.mark.parametrize("cfg,devices,message", [
+    (MeshConfig(data=3), 8, "8 devices are not divisible by 3"),
+    (MeshConfig(data=2, fsdp=2, tensor=1), 8, "data\\*fsdp\\*tensor = 4 but there are 8 devices"),
+])
+def test_mesh_that_does_not_cover_the_devices_is_refused(cfg, devices, message):
+  with pytest.raises(ConfigError, match=message):
+    cfg.shape(devices)
+
+
+@pytest.mark.parametrize("cfg", [MeshConfig(data=-1, fsdp=-1), MeshConfig(tensor=0),
+                                 MeshConfig(data=-2)])
+def test_invalid_mesh_config(cfg):
+  with pytest.raises(ConfigError):
+    cfg.validate()
+
+
+MESH = types.SimpleNamespace(shape={"data": 2, "fsdp": 4, "tensor": 2})  # what the rules read
+
+
+@pytest.mark.parametrize("logical,shape,expected", [
+    (("vocab", "embed"), (256, 64), P("tensor", "fsdp")),
+    (("embed", "heads", "head_dim"), (64, 4, 16), P("fsdp", "tensor", None)),
+    (("embed", "heads", "head_dim"), (64, 3, 16), P("fsdp", None, None)),  # 3 heads: replicated
+    (("embed", "mlp"), (6, 8), P(None, "tensor")),  # 6 is not divisible by fsdp=4
+    (("norm",), (64,), P(None)),
+    (("batch", "embed"), (16, 64), P(("data", "fsdp"), None)),  # fsdp is already used
+    (("batch",), (2, ), P("data")),  # 2 rows: only the data axis divides them
+    (("unknown_axis",), (8,), P(None)),
+    (None, (3, 3), P()),
+])
+def test_logical_to_spec(logical, shape, expected):
+  assert logical_to_spec(logical, shape, MESH) == expected
+
+
+def test_data_parallel_size():
+  assert data_parallel_size(MESH) == 8
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("sharded")
+  proc = support.run_python(["tests/sharded_runs.py", str(workdir)], devices=8)
+  assert proc.returncode == 0, support.describe(proc)
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report["device_count"] == 8
+  return workdir, report
+
+
+@pytest.mark.parametrize("name,mesh", [("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1}),
+                                       ("data2_fsdp2_tensor2", {"data": 2, "fsdp": 2,
+                                                                "tensor": 2})])
+def test_sharded_run_equals_one_device_run(sharded, smoke_run, name, mesh):
+  workdir, report = sharded
+  assert report[name]["mesh"] == mesh
+  reference = smoke_run.metrics
+  records = support.read_jsonl(workdir / name / "metrics.jsonl")
+  assert [r["step"] for r in records] == [r["step"] for r in reference]
+  ref_train, got_train = support.train_records(reference), support.train_records(records)
+  assert len(ref_train) == 6
+  for key in ("loss", "grad_norm", "accuracy", "lr"):
+    np.testing.assert_allclose([r[key] for r in got_train], [r[key] for r in ref_train],
+                               rtol=1e-5, atol=1e-6, err_msg=f"{name}: {key}")
+  np.testing.assert_allclose([r["val_loss"] for r in support.val_records(records)],
+                             [r["val_loss"] for r in support.val_records(reference)], rtol=1e-5)
+  assert report[name]["summary_val_loss"] == pytest.approx(smoke_run.summary["val_loss"],
+                                                           rel=1e-5)
+
+
+def test_fsdp_shards_every_matrix_over_all_devices(sharded):
+  _, report = sharded
+  params = report["fsdp8"]["params"]
+  emb = params["['embed']['embedding']"]
+  assert emb["shape"] == [256, 64] and emb["shard_shape"] == [256, 8]
+  for path, p in params.items():
+    assert p["n_devices"] == 8
+    if len(p["shape"]) >= 2:  # the 'embed' axis (64) of every kernel is split 8 ways
+      assert np.prod(p["shard_shape"]) * 8 == np.prod(p["shape"]), path
+    else:  # norm scales are replicated
+      assert p["shard_shape"] == p["shape"], path
+
+
+def test_data_fsdp_tensor_mesh_shards_over_fsdp_and_tensor(sharded):
+  _, report = sharded
+  params = report["data2_fsdp2_tensor2"]["params"]
+  expected = {
+      "['embed']['embedding']": ([256, 64], [128, 32]),  # (vocab/tensor, embed/fsdp)
+      "['block_0']['attn']['q']['kernel']": ([64, 2, 32], [32, 1, 32]),  # heads over tensor
+      "['block_0']['mlp']['gate']['kernel']": ([64, 192], [32, 96]),
+      "['block_0']['mlp']['down']['kernel']": ([192, 64], [96, 32]),
+      "['head']['unembed']['kernel']": ([64, 256], [32, 128]),
+      "['block_1']['attn_norm']['scale']": ([64], [64]),
+  }
+  for path, (shape, shard) in expected.items():
+    assert (params[path]["shape"], params[path]["shard_shape"]) == (shape, shard), path
+
+
+def test_adam_moments_are_sharded_like_the_parameters(sharded):
+  _, report = sharded
+  params, opt = report["fsdp8"]["params"], report["fsdp8"]["mu"]
+  emb = [v for k, v in opt.items() if "mu" in k and "['embed']['embedding']" in k]
+  assert emb and all(v["shard_shape"] == params["['embed']['embedding']"]["shard_shape"]
+                     for v in emb)
