@@ -11,7 +11,7 @@ from types import ModuleType
 
 from jaxtricks.errors import ConfigError
 
-EXPERIMENTS = ("lm", "cla")
+EXPERIMENTS = ("lm", "cla", "mtp")
 
 
 def load(name: str) -> ModuleType:

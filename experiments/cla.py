@@ -22,10 +22,10 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config, flatten, to_dict
+from jaxtricks.data.sources import held_out_prompts
 from jaxtricks.decode import cache_bytes, generate, init_cache
 from jaxtricks.errors import ConfigError
 from jaxtricks.models.transformer import ModelConfig
@@ -80,9 +80,7 @@ def get_config(preset: str) -> ClaConfig:
 
 def _decode_speed(result, config: ClaConfig) -> float:
   """Greedy tokens/s on held-out prompts, timed after one compiling call."""
-  p = config.decode_prompt_len
-  starts = np.linspace(0, len(result.corpus.val) - p - 1, config.decode_batch).astype(int)
-  prompts = [result.corpus.val[s:s + p] for s in starts]
+  prompts = held_out_prompts(result.source, config.decode_batch, config.decode_prompt_len)
   params = jax.device_get(result.state.params)
   run = lambda: generate(result.model, params, prompts, config.decode_new_tokens)  # noqa: E731
   run()

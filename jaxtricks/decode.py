@@ -2,10 +2,11 @@
 step for speculative decoding), greedy / temperature / top-k / top-p (Holtzman et al. 2019, arXiv
 1904.09751) sampling, stop tokens, a batch of prompts of different lengths.
 
-The cache holds (B, S_max, K, H) keys (after RoPE) and values for K/V-producing layers only, so a
-Cross-Layer Attention model with sharing factor s allocates 1/s of the memory; `lengths` (B,) is
-each row's number of cached tokens. The whole generation loop is one jitted function, compiled
-once per (batch, prompt length, new tokens, cache length, sampling settings).
+The cache holds keys (after RoPE) and values as (B, K, S_max, H) arrays, head-major because
+decoding reads that layout fastest, for K/V-producing layers only, so a Cross-Layer Attention model
+with sharing factor s allocates 1/s of the memory; `lengths` (B,) is each row's number of cached
+tokens. The whole generation loop is one jitted function, compiled once per (batch, prompt length,
+new tokens, cache length, sampling settings).
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtricks.layers.dtypes import resolve_dtype
+from jaxtricks.ops.mtp import greedy_accepts, speculative_accepts
 
 
-def init_cache(config, batch: int, max_len: int) -> dict:
-  """Zeroed cache for the K/V-producing layers of `config` (a ModelConfig)."""
-  shape = (batch, max_len, config.kv_heads, config.dim_per_head)
+def init_cache(config, batch: int, max_len: int, mtp_heads: int = 1) -> dict:
+  """Zeroed cache for the K/V-producing layers of `config` (a ModelConfig), plus the transformer
+  heads 2..mtp_heads of a multi-token model (for self-speculative decoding)."""
+  shape = (batch, config.kv_heads, max_len, config.dim_per_head)  # head-major: see ops.attention
   dtype = resolve_dtype(config.dtype)
-  cache = {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-           for i in config.kv_producers}
+  names = [f"layer_{i}" for i in config.kv_producers]
+  names += [f"mtp_{i}" for i in config.mtp_cache_heads if i < mtp_heads]
+  cache = {name: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for name in names}
   cache["lengths"] = jnp.zeros((batch,), jnp.int32)
   return cache
 
@@ -124,15 +128,9 @@ def _generate(params, tokens_BxP, lengths_B, rng, *, model, max_new_tokens, max_
   return out_BxN, n_B, i
 
 
-def generate(model, params, prompts: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
-             *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_tokens: Sequence[int] = (), rng: jnp.ndarray | None = None,
-             max_len: int | None = None) -> Generation:
-  """Continues each prompt by up to `max_new_tokens` tokens with a KV cache.
-
-  model: a jaxtricks Transformer; prompts: token lists of any lengths >= 1; max_len: cache length
-  (default: longest prompt + max_new_tokens). A row stops after emitting a stop token.
-  """
+def check_settings(model, max_new_tokens: int, temperature: float, top_k: int,
+                   top_p: float) -> None:
+  """Refuses bad decoding arguments with a one-line ValueError naming the argument."""
   vocab = model.config.vocab_size
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
     raise ValueError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
@@ -145,12 +143,148 @@ def generate(model, params, prompts: Sequence[Sequence[int]] | np.ndarray, max_n
     raise ValueError(f"top_p={top_p} must be in (0, 1]")
   if not 0 <= top_k <= vocab:
     raise ValueError(f"top_k={top_k} must be in [0, {vocab}] (the vocabulary size; 0: off)")
+
+
+def generate(model, params, prompts: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int,
+             *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop_tokens: Sequence[int] = (), rng: jnp.ndarray | None = None,
+             max_len: int | None = None) -> Generation:
+  """Continues each prompt by up to `max_new_tokens` tokens with a KV cache.
+
+  model: a jaxtricks Transformer; prompts: token lists of any lengths >= 1; max_len: cache length
+  (default: longest prompt + max_new_tokens). A row stops after emitting a stop token.
+  """
+  check_settings(model, max_new_tokens, temperature, top_k, top_p)
   longest = max((len(p) for p in prompts), default=0)
   max_len = max_len or longest + max_new_tokens
-  tokens_BxP, lengths_B = pad_prompts(prompts, max_len, max_new_tokens, vocab)
+  tokens_BxP, lengths_B = pad_prompts(prompts, max_len, max_new_tokens, model.config.vocab_size)
   rng = jax.random.key(0) if rng is None else rng
   out, n, steps = _generate(params, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), rng,
                             model=model, max_new_tokens=max_new_tokens, max_len=max_len,
                             temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                             stop_tokens=tuple(int(t) for t in stop_tokens))
   return Generation(np.asarray(out), np.asarray(n), int(steps))
+
+
+@dataclasses.dataclass
+class SpeculativeGeneration(Generation):
+  tokens_per_forward: float = 0.0             # generated tokens / verification passes (all rows)
+  acceptance_per_position: tuple[float, ...] = ()  # P(draft j accepted | drafts < j accepted)
+
+
+def _propose(logits_KxBxV, key, temperature, top_k, top_p):
+  """Next token from head 1 and drafts from heads 2..k: (B,), (B, k-1), q (B, k-1, V)."""
+  if temperature == 0.0:
+    tokens_KxB = jnp.argmax(logits_KxBxV, axis=-1).astype(jnp.int32)
+    return tokens_KxB[0], tokens_KxB[1:].T, None
+  logits_KxBxV = jax.vmap(lambda x: filter_logits(x / temperature, top_k, top_p))(logits_KxBxV)
+  tokens_KxB = jax.random.categorical(key, logits_KxBxV, axis=-1).astype(jnp.int32)
+  q_BxKxV = jnp.moveaxis(jax.nn.softmax(logits_KxBxV[1:], axis=-1), 0, 1)
+  return tokens_KxB[0], tokens_KxB[1:].T, q_BxKxV
+
+
+@functools.partial(jax.jit, static_argnames=("model", "k", "max_new_tokens", "max_len",
+                                             "temperature", "top_k", "top_p", "stop_tokens"))
+def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, max_len,
+               temperature, top_k, top_p, stop_tokens):
+  b = tokens_BxP.shape[0]
+  variables = {"params": params}
+  project = lambda h: model.apply(variables, h, method="project")
+  heads = lambda toks, cache: model.apply(variables, toks, cache=cache, n_heads=k,
+                                          method="heads_hidden")
+  h_KxBxPxD, cache = heads(tokens_BxP, init_cache(model.config, b, max_len, mtp_heads=k))
+  cache["lengths"] = lengths_B
+  h_KxBxD = jnp.take_along_axis(h_KxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
+  rng, key = jax.random.split(rng)
+  y_B, drafts_BxJ, q_BxJxV = _propose(project(h_KxBxD), key, temperature, top_k, top_p)
+  stops = jnp.array(stop_tokens or (-1,), jnp.int32)
+  slot_K = jnp.arange(k)
+
+  def body(carry):
+    it, cache, y_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B, passes_B, acc_J, tried_J, rng = carry
+    rng, k_accept, k_bonus, k_draft = jax.random.split(rng, 4)
+    block_BxK = jnp.concatenate([y_B[:, None], drafts_BxJ], axis=1)
+    h_KxBxKxD, new_cache = heads(block_BxK, cache)
+    logits_BxKxV = project(h_KxBxKxD[0])  # the next-token head after each block position
+    if temperature == 0.0:
+      pred_BxK = jnp.argmax(logits_BxKxV, axis=-1).astype(jnp.int32)
+      a_B = greedy_accepts(drafts_BxJ, pred_BxK[:, :k - 1])
+      next_B = jnp.take_along_axis(pred_BxK, a_B[:, None], axis=1)[:, 0]
+    else:
+      p_BxKxV = jax.nn.softmax(jax.vmap(
+          lambda x: filter_logits(x / temperature, top_k, top_p), in_axes=1, out_axes=1)(
+              logits_BxKxV), axis=-1)
+      bonus_B = jax.random.categorical(k_bonus, jnp.log(p_BxKxV[:, -1]), axis=-1).astype(jnp.int32)
+      if k == 1:
+        a_B, next_B = jnp.zeros((b,), jnp.int32), bonus_B
+      else:
+        a_B, resample_B = speculative_accepts(p_BxKxV[:, :-1], q_BxJxV, drafts_BxJ, k_accept)
+        next_B = jnp.where(a_B == k - 1, bonus_B, resample_B)
+    active_B = ~done_B
+    # Emitted: the block's first a + 1 tokens, cut after a stop token and at max_new_tokens.
+    stop_BxK = jnp.isin(block_BxK, stops) & (slot_K <= a_B[:, None])
+    count_B = jnp.where(jnp.any(stop_BxK, axis=1), jnp.argmax(stop_BxK, axis=1) + 1, a_B + 1)
+    count_B = jnp.where(active_B, jnp.minimum(count_B, max_new_tokens - n_B), 0)
+    emitted_BxK = jnp.where(slot_K < count_B[:, None], block_BxK, 0)
+    out_BxN = jax.vmap(lambda o, x, i: jax.lax.dynamic_update_slice(o, x, (i,)))(
+        out_BxN, emitted_BxK, n_B)
+    n_B = n_B + count_B
+    done_B = done_B | jnp.any(stop_BxK & (slot_K < count_B[:, None]), axis=1)
+    done_B = done_B | (n_B >= max_new_tokens)
+    passes_B = passes_B + active_B.astype(jnp.int32)
+    slot_J = slot_K[:k - 1]
+    tried_J = tried_J + jnp.sum(active_B[:, None] & (a_B[:, None] >= slot_J), axis=0)
+    acc_J = acc_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
+    # Roll the cache back to the accepted prefix: later slots are overwritten before being read.
+    new_cache["lengths"] = cache["lengths"] + jnp.where(active_B, a_B + 1, 0)
+    h_KxBxD = jnp.take_along_axis(h_KxBxKxD, a_B[None, :, None, None], axis=2)[:, :, 0]
+    _, drafts_BxJ, q_next = _propose(project(h_KxBxD), k_draft, temperature, top_k, top_p)
+    q_BxJxV = q_BxJxV if q_next is None else q_next
+    return (it + 1, new_cache, next_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B, passes_B,
+            acc_J, tried_J, rng)
+
+  def cond(carry):
+    return (carry[0] < max_new_tokens) & ~jnp.all(carry[7])
+
+  zeros_J = jnp.zeros((k - 1,), jnp.int32)
+  init = (jnp.int32(0), cache, y_B, drafts_BxJ, q_BxJxV,
+          jnp.zeros((b, max_new_tokens + k), jnp.int32), jnp.zeros((b,), jnp.int32),
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), zeros_J, zeros_J, rng)
+  it, _, _, _, _, out_BxN, n_B, _, passes_B, acc_J, tried_J, _ = jax.lax.while_loop(
+      cond, body, init)
+  return out_BxN[:, :max_new_tokens], n_B, it, passes_B, acc_J, tried_J
+
+
+def speculative_generate(model, params, prompts: Sequence[Sequence[int]] | np.ndarray,
+                         max_new_tokens: int, *, n_heads: int | None = None,
+                         temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         stop_tokens: Sequence[int] = (), rng: jnp.ndarray | None = None
+                         ) -> SpeculativeGeneration:
+  """Self-speculative decoding with the heads of a multi-token model (arXiv 2404.19737, 3.2).
+
+  Each forward pass feeds the next token and the k - 1 drafts of heads 2..k, accepts the longest
+  prefix the next-token head agrees with (greedy) or the Leviathan et al. rule (sampling), emits
+  it plus one corrected token, and drafts again from the same pass. Greedy output is the same as
+  `generate`'s; sampling output has the same distribution. n_heads: k (default: all heads).
+  """
+  cfg = model.config
+  k = cfg.mtp_heads if n_heads is None else n_heads
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= cfg.mtp_heads:
+    raise ValueError(f"n_heads={k!r} must be an int in [1, {cfg.mtp_heads}] (the model's heads)")
+  if cfg.mtp_head == "sequential" and k > 1:
+    raise ValueError("speculative_generate drafts with parallel heads (transformer or linear); "
+                     "this model has sequential modules")
+  check_settings(model, max_new_tokens, temperature, top_k, top_p)
+  longest = max((len(p) for p in prompts), default=0)
+  max_len = longest + max_new_tokens + k  # a block of k slots past the last accepted token
+  tokens_BxP, lengths_B = pad_prompts(prompts, max_len, max_new_tokens, cfg.vocab_size)
+  rng = jax.random.key(0) if rng is None else rng
+  out, n, it, passes, acc, tried = _speculate(
+      params, jnp.asarray(tokens_BxP), jnp.asarray(lengths_B), rng, model=model, k=int(k),
+      max_new_tokens=max_new_tokens, max_len=max_len, temperature=float(temperature),
+      top_k=int(top_k), top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens))
+  n, passes, acc, tried = map(np.asarray, (n, passes, acc, tried))
+  return SpeculativeGeneration(
+      np.asarray(out), n, int(it), tokens_per_forward=float(n.sum() / max(passes.sum(), 1)),
+      acceptance_per_position=tuple(float(a / t) if t else 0.0
+                                    for a, t in zip(acc, tried, strict=True)))

@@ -30,6 +30,8 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("embed_out", None),  # the output side of a D -> D projection (multi-token heads)
+    ("mtp_in", None),
 )
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from experiments import get_config
+from experiments import get_config, load
 from jaxtricks.config import Config, flatten, override, parse_value, to_json
 from jaxtricks.errors import ConfigError
 from jaxtricks.models.transformer import ModelConfig
@@ -120,11 +120,13 @@ def test_to_json_round_trips_values():
   assert set(data) == {"model", "train", "data", "mesh"}
 
 
-@pytest.mark.parametrize("exp", ["lm", "cla"])
+@pytest.mark.parametrize("exp", ["lm", "cla", "mtp"])
 def test_every_experiment_preset_is_a_valid_config(exp):
-  for preset in ("smoke", "default", "full"):
+  presets = load(exp).PRESETS
+  assert {"smoke", "default", "full"} <= set(presets)
+  for preset in presets:
     get_config(exp, preset).validate()
-  with pytest.raises(ConfigError, match="has no preset 'huge'; valid: smoke, default, full"):
+  with pytest.raises(ConfigError, match=f"has no preset 'huge'; valid: {', '.join(presets)}"):
     get_config(exp, "huge")
-  with pytest.raises(ConfigError, match="unknown experiment 'nope'; valid: lm, cla"):
+  with pytest.raises(ConfigError, match="unknown experiment 'nope'; valid: lm, cla, mtp"):
     get_config("nope", "smoke")

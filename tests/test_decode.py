@@ -62,7 +62,7 @@ def test_cache_is_allocated_for_producing_layers_only(heads, sharing):
   assert len(cfg.kv_producers) == {1: 4, 2: 2, 3: 2}[sharing]
   for i in cfg.kv_producers:
     for name in ("k", "v"):
-      assert cache[f"layer_{i}"][name].shape == (3, 10, HEADS[heads], 8)
+      assert cache[f"layer_{i}"][name].shape == (3, HEADS[heads], 10, 8)  # head-major
       assert cache[f"layer_{i}"][name].dtype == jnp.float32
   np.testing.assert_array_equal(cache["lengths"], np.zeros(3, np.int32))
   assert cache_bytes(cache) == kv_bytes_per_token(cfg) * 3 * 10
@@ -271,7 +271,8 @@ BAD_CALLS = {
     "top_p zero": (dict(temperature=1.0, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
     "top_p above one": (dict(temperature=1.0, top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
     "negative top_k": (dict(temperature=1.0, top_k=-1), r"top_k=-1 must be in \[0, 64\]"),
-    "top_k above the vocabulary": (dict(temperature=1.0, top_k=65), r"top_k=65 must be in \[0, 64\]"),
+    "top_k above the vocabulary": (dict(temperature=1.0, top_k=65),
+                                   r"top_k=65 must be in \[0, 64\]"),
     "nan temperature": (dict(temperature=float("nan")), "temperature=nan must be finite"),
     "infinite temperature": (dict(temperature=float("inf")), "temperature=inf must be finite"),
     "float new tokens": (dict(max_new_tokens=2.5), "max_new_tokens must be an int, got 2.5"),

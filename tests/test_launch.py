@@ -97,7 +97,7 @@ def test_rerun_does_not_duplicate_metrics(rerun):
 # name -> (flags, devices, substrings the one error line must contain)
 ERRORS = {
     "unknown_exp": (["--exp=nope"], 1,
-                    ["unknown experiment 'nope'", "valid: lm, cla"]),
+                    ["unknown experiment 'nope'", "valid: lm, cla, mtp"]),
     "unknown_preset": (["--exp=lm", "--preset=huge"], 1,
                        ["no preset 'huge'", "valid: smoke, default, full"]),
     "unknown_key": (["--preset=smoke", "--model.d_modle=32"], 1,
@@ -150,3 +150,12 @@ def test_refused_resume_leaves_the_workdir_untouched(error_runs, smoke_run):
   _, workdir = error_runs
   assert json.loads((workdir / "config.json").read_text()) == smoke_run.config
   assert support.read_jsonl(workdir / "metrics.jsonl") == smoke_run.metrics
+
+
+@pytest.mark.slow
+def test_lm_smoke_preset_as_documented(tmp_path):
+  """The README's `--preset=smoke`, unshortened (30 steps): it runs and learns."""
+  proc = support.launch("--exp=lm", "--preset=smoke", f"--workdir={tmp_path / 'lm'}")
+  assert proc.returncode == 0, support.describe(proc)
+  summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
+  assert summary["steps"] == 30 and summary["val_bits_per_byte"] < 6.0

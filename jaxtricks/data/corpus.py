@@ -19,6 +19,7 @@ from absl import logging
 from jaxtricks.errors import ConfigError, DataError
 
 STDLIB = "stdlib"
+TASKS = ("induction", "polynomial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +27,17 @@ class DataConfig:
   corpus: str = STDLIB        # 'stdlib' or a glob of text files ('**' recurses)
   val_fraction: float = 0.05  # fraction of files held out (by path hash)
   max_bytes: int = 0          # 0: the whole corpus; else keep the first max_bytes of each split
+  task: str = ""              # a synthetic task instead of the corpus: induction | polynomial
+  task_ops: int = 5           # polynomial: operations per training expression are 1..task_ops
+  task_eval_ops: int = 0      # polynomial: held-out expressions use this many (0: as training)
 
   def validate(self) -> None:
+    if self.task and self.task not in TASKS:
+      raise ConfigError(f"data.task={self.task!r} is unknown; valid: {', '.join(TASKS)} "
+                        "(or empty for the corpus)")
+    if self.task_ops < 1 or self.task_eval_ops < 0:
+      raise ConfigError(f"data.task_ops must be >= 1 and data.task_eval_ops >= 0, got "
+                        f"{self.task_ops} and {self.task_eval_ops}")
     if not 0.0 < self.val_fraction < 1.0:
       raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
     if self.max_bytes < 0:

@@ -11,20 +11,27 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxtricks.layers.linear import Linear
-from jaxtricks.ops.attention import attention, causal_mask
+from jaxtricks.ops.attention import attention, cached_attention, causal_mask
 from jaxtricks.ops.rope import apply_rope
 
-# (keys (B, S, K, H), values (B, S, K, H), key positions (B, S) or None for 0..S-1)
-KV = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]
+
+@struct.dataclass
+class KV:
+  """The keys and values a layer attends to, shared with the layers that reuse them (CLA)."""
+  k: jnp.ndarray                  # (B, S, K, H), or (B, K, S, H) when head_major
+  v: jnp.ndarray
+  positions: jnp.ndarray | None   # (B, S) key positions; None: 0..S-1
+  head_major: bool = struct.field(pytree_node=False, default=False)
 
 
-def write_cache(cache_BxSxKxH: jnp.ndarray, new_BxTxKxH: jnp.ndarray,
+def write_cache(cache_BxKxSxH: jnp.ndarray, new_BxTxKxH: jnp.ndarray,
                 lengths_B: jnp.ndarray) -> jnp.ndarray:
-  """Writes each row's new entries at that row's current length."""
-  update = lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (i, 0, 0))
-  return jax.vmap(update)(cache_BxSxKxH, new_BxTxKxH, lengths_B)
+  """Writes each row's new entries at that row's current length (head-major cache)."""
+  update = lambda c, x, i: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, i, 0))
+  return jax.vmap(update)(cache_BxKxSxH, jnp.swapaxes(new_BxTxKxH, 1, 2), lengths_B)
 
 
 class SelfAttention(nn.Module):
@@ -61,25 +68,29 @@ class SelfAttention(nn.Module):
                          **kw)(xkv_BxTxD)
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.rope_base)
       if cache is None:
-        kv = (k_BxTxKxH, v_BxTxKxH, positions_BxT)
+        kv = KV(k_BxTxKxH, v_BxTxKxH, positions_BxT)
       else:
         lengths_B = positions_BxT[:, 0]
         cache = {"k": write_cache(cache["k"], k_BxTxKxH, lengths_B),
                  "v": write_cache(cache["v"], v_BxTxKxH, lengths_B)}
-        slots_BxS = jnp.broadcast_to(jnp.arange(cache["k"].shape[1]), cache["k"].shape[:2])
-        kv = (cache["k"], cache["v"], slots_BxS)
+        b, _, s, _ = cache["k"].shape
+        slots_BxS = jnp.broadcast_to(jnp.arange(s), (b, s))
+        kv = KV(cache["k"], cache["v"], slots_BxS, head_major=True)
     else:
       if shared_kv is None:
         raise ValueError("a layer without K/V projections needs the K/V of an earlier layer")
       kv = shared_kv
-    k_BxSxKxH, v_BxSxKxH, k_pos_BxS = kv
-    static = positions_BxT is None and k_pos_BxS is None
-    if not static and (positions_BxT is None or k_pos_BxS is None):
+    static = positions_BxT is None and kv.positions is None
+    if not static and (positions_BxT is None or kv.positions is None):
       raise ValueError("queries and shared keys must both have positions or both be 0..T-1")
-    mask_BxTxS = None if static else causal_mask(positions_BxT, k_pos_BxS)
-    out_BxTxNxH = attention(q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
-                            v_BxSxKxH.astype(q_BxTxNxH.dtype), mask_BxTxS, self.implementation,
-                            causal=static)
+    mask_BxTxS = None if static else causal_mask(positions_BxT, kv.positions)
+    dtype = q_BxTxNxH.dtype
+    if kv.head_major:
+      out_BxTxNxH = cached_attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype),
+                                     mask_BxTxS)
+    else:
+      out_BxTxNxH = attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype), mask_BxTxS,
+                              self.implementation, causal=static)
     std = (n * h * 2 * self.n_layers) ** -0.5
     out_BxTxD = Linear((d,), ("heads", "head_dim", "embed"), in_ndim=2, std=std, name="o",
                        **kw)(out_BxTxNxH)

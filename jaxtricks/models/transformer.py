@@ -18,10 +18,14 @@ from jaxtricks.errors import ConfigError
 from jaxtricks.layers.attention import SelfAttention
 from jaxtricks.layers.dtypes import DTYPES
 from jaxtricks.layers.embed import Embed, LinearHead
+from jaxtricks.layers.linear import Linear
 from jaxtricks.layers.mlp import SwiGLU
+from jaxtricks.layers.mtp import ResidualLinearHead
 from jaxtricks.layers.norm import RMSNorm
 from jaxtricks.models import registry
 from jaxtricks.ops.attention import IMPLEMENTATIONS, kv_sources
+
+MTP_HEADS = ("transformer", "linear", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,11 @@ class ModelConfig:
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
   remat: bool = False          # recompute each block in the backward pass to save memory
+  # Multi-token prediction (arXiv 2404.19737): head i predicts token t+i, i = 1..mtp_heads.
+  mtp_heads: int = 1           # 1: an ordinary next-token LM
+  mtp_head: str = "transformer"  # transformer (parallel layers) | linear | sequential (DeepSeek-V3)
+  mtp_compute_matched: bool = False  # remove mtp_heads - 1 trunk layers
+  mtp_lambda: float = 0.0      # 0: every head weighs 1; else heads 2..n weigh lambda / (n - 1)
 
   @property
   def kv_heads(self) -> int:
@@ -55,8 +64,18 @@ class ModelConfig:
     return self.head_dim or self.d_model // self.n_heads
 
   @property
+  def depth(self) -> int:
+    """Blocks on the next-token path (n_layers, less mtp_heads - 1 when compute-matched)."""
+    return self.n_layers - (self.mtp_heads - 1 if self.mtp_compute_matched else 0)
+
+  @property
   def kv_source(self) -> tuple[int, ...]:
-    return kv_sources(self.n_layers, self.kv_sharing, self.kv_layout)
+    return kv_sources(self.depth, self.kv_sharing, self.kv_layout)
+
+  @property
+  def mtp_cache_heads(self) -> tuple[int, ...]:
+    """Extra heads (1-based index i >= 2 as mtp_{i-1}) that hold a KV cache of their own."""
+    return tuple(range(1, self.mtp_heads)) if self.mtp_head == "transformer" else ()
 
   @property
   def kv_producers(self) -> tuple[int, ...]:
@@ -81,11 +100,19 @@ class ModelConfig:
     if self.n_heads % self.kv_heads:
       raise ConfigError(f"model.n_kv_heads={self.kv_heads} does not divide "
                         f"model.n_heads={self.n_heads}")
-    if not 1 <= self.kv_sharing <= self.n_layers:
-      raise ConfigError(f"model.kv_sharing={self.kv_sharing} must be between 1 and "
-                        f"model.n_layers={self.n_layers}")
+    if self.mtp_heads < 1 or self.mtp_head not in MTP_HEADS:
+      raise ConfigError(f"model.mtp_heads={self.mtp_heads} must be >= 1 and model.mtp_head="
+                        f"{self.mtp_head!r} one of {', '.join(MTP_HEADS)}")
+    if self.depth < 1:
+      raise ConfigError(f"model.mtp_compute_matched removes {self.mtp_heads - 1} of "
+                        f"model.n_layers={self.n_layers} layers: nothing is left")
+    if self.mtp_lambda < 0:
+      raise ConfigError(f"model.mtp_lambda must be >= 0, got {self.mtp_lambda}")
+    if not 1 <= self.kv_sharing <= self.depth:
+      raise ConfigError(f"model.kv_sharing={self.kv_sharing} must be between 1 and the depth "
+                        f"{self.depth}")
     try:
-      kv_sources(self.n_layers, self.kv_sharing, self.kv_layout)
+      kv_sources(self.depth, self.kv_sharing, self.kv_layout)
     except ValueError as e:
       raise ConfigError(f"model.kv_layout: {e}") from None
     if self.attn_impl not in IMPLEMENTATIONS:
@@ -105,9 +132,9 @@ class ModelConfig:
 
 
 @registry.register(registry.ATTENTION, "mha")
-def _mha(cfg: ModelConfig, layer: int) -> nn.Module:
+def _mha(cfg: ModelConfig, layer: int, produces_kv: bool) -> nn.Module:
   return SelfAttention(cfg.n_heads, cfg.kv_heads, cfg.dim_per_head,
-                       produces_kv=cfg.kv_source[layer] == layer, n_layers=cfg.n_layers,
+                       produces_kv=produces_kv, n_layers=cfg.n_layers,
                        rope_base=cfg.rope_base, implementation=cfg.attn_impl, dtype=cfg.dtype,
                        param_dtype=cfg.param_dtype, name="attn")
 
@@ -125,29 +152,52 @@ def _linear_head(cfg: ModelConfig) -> nn.Module:
 
 class Block(nn.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)). In a cross-layer-attention model a K/V-producing
-  layer normalises its K/V input with a norm of its own (`kv_norm`), as in the CLA paper."""
+  layer normalises its K/V input with a norm of its own (`kv_norm`), as in the CLA paper.
+  `own_kv` makes the block produce its K/V whatever the layout (multi-token heads)."""
   config: ModelConfig
   layer: int
+  own_kv: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, shared_kv=None, cache=None):
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     hq = RMSNorm(name="attn_norm", **norm)(x_BxTxD)
-    produces = cfg.kv_source[self.layer] == self.layer
-    hkv = RMSNorm(name="kv_norm", **norm)(x_BxTxD) if produces and cfg.cross_layer else hq
-    attn = registry.ATTENTION[cfg.attention](cfg, self.layer)
+    produces = self.own_kv or cfg.kv_source[self.layer] == self.layer
+    cla = cfg.cross_layer and not self.own_kv
+    hkv = RMSNorm(name="kv_norm", **norm)(x_BxTxD) if produces and cla else hq
+    attn = registry.ATTENTION[cfg.attention](cfg, self.layer, produces)
     out_BxTxD, kv, cache = attn(hq, hkv, positions_BxT, shared_kv, cache)
     x_BxTxD = x_BxTxD + out_BxTxD
     h = RMSNorm(name="mlp_norm", **norm)(x_BxTxD)
     return x_BxTxD + registry.MLP[cfg.mlp](cfg, self.layer)(h), kv, cache
 
 
+class SequentialModule(nn.Module):
+  """DeepSeek-V3 multi-token module (arXiv 2412.19437, eq. 21-22): a block over
+  W [RMSNorm(h_prev); RMSNorm(Emb(token t + k))], W a 2D -> D projection."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_prev_BxTxD, emb_BxTxD, positions_BxT):
+    cfg = self.config
+    norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    both_BxTx2xD = jnp.stack([RMSNorm(name="h_norm", **norm)(h_prev_BxTxD),
+                              RMSNorm(name="emb_norm", **norm)(emb_BxTxD)], axis=-2)
+    x_BxTxD = Linear((cfg.d_model,), ("mtp_in", "embed", "embed_out"), in_ndim=2, name="proj",
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype)(both_BxTx2xD)
+    block = nn.remat(Block) if cfg.remat else Block
+    return block(cfg, cfg.depth - 1, own_kv=True, name="block")(x_BxTxD, positions_BxT)[0]
+
+
 class Transformer(nn.Module):
-  """tokens (B, T) int -> logits (B, T, V).
+  """tokens (B, T) int -> logits (B, T, V) of the next token.
 
   With `cache` (see jaxtricks.decode.init_cache) the tokens continue each row from its cached
   length, and (logits, updated cache) is returned. `hidden()` gives the final-normed trunk output.
+  With mtp_heads = n > 1, `heads_hidden()` gives the n heads' states (head 1 is the next-token
+  path, so a model stripped of heads 2..n is an ordinary LM) and `project()` maps a state to
+  logits through the shared final norm and unembedding.
   """
   config: ModelConfig
 
@@ -155,38 +205,88 @@ class Transformer(nn.Module):
     cfg = self.config
     self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     block = nn.remat(Block) if cfg.remat else Block
-    self.blocks = [block(cfg, i, name=f"block_{i}") for i in range(cfg.n_layers)]
+    self.blocks = [block(cfg, i, name=f"block_{i}") for i in range(cfg.depth)]
     self.final_norm = RMSNorm(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     self.head = registry.HEAD[cfg.head](cfg)
+    extra = range(1, cfg.mtp_heads)
+    if cfg.mtp_head == "transformer":
+      self.mtp = [block(cfg, cfg.depth - 1, own_kv=True, name=f"mtp_{i}") for i in extra]
+    elif cfg.mtp_head == "linear":
+      self.mtp = [ResidualLinearHead(dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                     name=f"mtp_{i}") for i in extra]
+    else:
+      self.mtp = [SequentialModule(cfg, name=f"mtp_{i}") for i in extra]
 
-  def hidden(self, tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray | None = None,
-             cache: dict | None = None):
-    """Final-normed hidden states (B, T, D), and the updated cache when one is given."""
-    # Without a cache and positions, every row is at 0..T-1 (static RoPE tables and mask).
+  def _trunk(self, tokens_BxT, positions_BxT, cache):
+    """(output of the last block, input of the last block, updated cache), states pre-norm."""
     if cache is not None:
       positions_BxT = cache["lengths"][:, None] + jnp.arange(tokens_BxT.shape[1])
+    # Without a cache and positions, every row is at 0..T-1 (static RoPE tables and mask).
     x_BxTxD = self.embed(tokens_BxT)
     kv_of_layer = {}
-    new_cache = {}
+    new_cache = None if cache is None else dict(cache)
+    z_BxTxD = x_BxTxD
     for i, block in enumerate(self.blocks):
       src = self.config.kv_source[i]
       layer_cache = cache[f"layer_{i}"] if cache is not None and src == i else None
+      z_BxTxD = x_BxTxD
       x_BxTxD, kv, layer_cache = block(x_BxTxD, positions_BxT, kv_of_layer.get(src), layer_cache)
       if src == i:
         kv_of_layer[i] = kv
         if cache is not None:
           new_cache[f"layer_{i}"] = layer_cache
+    if cache is not None:
+      new_cache["lengths"] = cache["lengths"] + tokens_BxT.shape[1]
+    return x_BxTxD, z_BxTxD, positions_BxT, new_cache
+
+  def hidden(self, tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray | None = None,
+             cache: dict | None = None):
+    """Final-normed hidden states (B, T, D), and the updated cache when one is given."""
+    x_BxTxD, _, _, new_cache = self._trunk(tokens_BxT, positions_BxT, cache)
     x_BxTxD = self.final_norm(x_BxTxD)
-    if cache is None:
-      return x_BxTxD
-    new_cache["lengths"] = cache["lengths"] + tokens_BxT.shape[1]
-    return x_BxTxD, new_cache
+    return x_BxTxD if cache is None else (x_BxTxD, new_cache)
+
+  def heads_hidden(self, tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray | None = None,
+                   cache: dict | None = None, n_heads: int | None = None):
+    """Pre-norm states (n, B, T, D) of heads 1..n (n = n_heads or all), and the cache if given.
+
+    Head i at position t predicts token t + i. Transformer heads are parallel layers on the input
+    of the last block; linear heads map the trunk output; sequential modules (DeepSeek-V3) chain:
+    module i reads module i-1's state and the embedding of token t + i - 1.
+    """
+    cfg = self.config
+    n = cfg.mtp_heads if n_heads is None else n_heads
+    x_BxTxD, z_BxTxD, positions_BxT, new_cache = self._trunk(tokens_BxT, positions_BxT, cache)
+    states = [x_BxTxD]
+    for i, head in enumerate(self.mtp[:n - 1], start=1):
+      if cfg.mtp_head == "transformer":
+        head_cache = None if cache is None else cache[f"mtp_{i}"]
+        h_BxTxD, _, head_cache = head(z_BxTxD, positions_BxT, None, head_cache)
+        if cache is not None:
+          new_cache[f"mtp_{i}"] = head_cache
+      elif cfg.mtp_head == "linear":
+        h_BxTxD = head(x_BxTxD)
+      else:
+        if cache is not None:
+          raise ValueError("sequential multi-token modules do not decode with a KV cache")
+        # Token t + i feeds module i at position t; past the end: token 0 (its target is masked).
+        shifted_BxT = jnp.pad(tokens_BxT[:, i:], ((0, 0), (0, i)))
+        h_BxTxD = head(states[-1], self.embed(shifted_BxT), positions_BxT)
+      states.append(h_BxTxD)
+    h_NxBxTxD = jnp.stack(states)
+    return h_NxBxTxD if cache is None else (h_NxBxTxD, new_cache)
+
+  def project(self, h_BxTxD: jnp.ndarray) -> jnp.ndarray:
+    """Logits of a pre-norm state through the shared final norm and unembedding."""
+    return self.logits(self.final_norm(h_BxTxD))
 
   def logits(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
     return self.head(x_BxTxD).astype(jnp.float32)
 
   def __call__(self, tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray | None = None,
                cache: dict | None = None):
+    if self.is_initializing() and self.config.mtp_heads > 1:
+      self.heads_hidden(tokens_BxT, positions_BxT)  # creates the extra heads' parameters
     if cache is None:
       return self.logits(self.hidden(tokens_BxT, positions_BxT))
     x_BxTxD, cache = self.hidden(tokens_BxT, cache=cache)

@@ -22,8 +22,8 @@ from jaxtricks import metrics as mlog
 from jaxtricks import sharding
 from jaxtricks.checkpoint import Checkpointer, abstract_with_shardings
 from jaxtricks.config import Config, flatten, to_dict
-from jaxtricks.data.batching import eval_batches, train_batch
-from jaxtricks.data.corpus import Corpus, load_corpus
+from jaxtricks.data.corpus import Corpus
+from jaxtricks.data.sources import make_source
 from jaxtricks.errors import ConfigError, UserError
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.train import step as step_lib
@@ -41,8 +41,12 @@ class RunResult:
   state: TrainState
   model: Transformer
   summary: dict[str, Any]
-  corpus: Corpus
+  source: Any                 # jaxtricks.data.sources: the corpus or a synthetic task
   mesh: jax.sharding.Mesh
+
+  @property
+  def corpus(self) -> Corpus | None:
+    return getattr(self.source, "corpus", None)
 
 
 def _to_global(batch: dict[str, np.ndarray], data_sharding, global_rows: int) -> dict:
@@ -79,7 +83,7 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
   if tc.batch_size % dp:
     raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the data-parallel "
                       f"size {dp} (mesh.data * mesh.fsdp)")
-  corpus = load_corpus(config.data, min_len=tc.seq_len + 1)
+  source = make_source(config.data, tc.seq_len)
   os.makedirs(workdir, exist_ok=True)
   model = Transformer(config.model)
   tx = make_optimizer(tc)
@@ -114,7 +118,7 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
                                        shardings, mesh)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, loss_fn), shardings, mesh)
   val = [_to_global(b, data_sharding, tc.batch_size)
-         for b in eval_batches(corpus.val, tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
+         for b in source.eval_batches(tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
 
   tokens_per_step = tc.batch_size * tc.seq_len
   recent = collections.deque(maxlen=max(1, min(tc.log_every or 1, 50)))
@@ -150,8 +154,8 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
   pending = None
   try:
     for s in range(start, tc.steps):
-      batch = _to_global(train_batch(corpus.train, tc.seq_len, tc.batch_size, tc.seed, s, pid,
-                                     pcount), data_sharding, tc.batch_size)
+      batch = _to_global(source.train_batch(tc.seed, s, tc.batch_size, tc.seq_len, pid, pcount),
+                         data_sharding, tc.batch_size)
       state, metrics = train_step(state, batch)
       if pending is not None:
         handle(*pending)  # read step s-1's metrics only after step s is dispatched
@@ -185,13 +189,14 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
       "val_loss": final["loss"],
       "val_bits_per_byte": final["loss"] / math.log(2),
       "val_accuracy": final["accuracy"],
+      "val_metrics": final,
       "tokens_per_s": trained * tokens_per_step / (t_end - clock["t0"]) if trained else None,
       "wall_s": time.time() - t_start,
       "devices": jax.device_count(),
       "processes": jax.process_count(),
       "config": flatten(config),
   }
-  return RunResult(state, model, summary, corpus, mesh)
+  return RunResult(state, model, summary, source, mesh)
 
 
 def _last_logged(path: str, key: str) -> float | None:

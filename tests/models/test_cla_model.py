@@ -188,7 +188,6 @@ def test_kv_norm_normalises_the_kv_input_only(causal_model):
   assert np.abs(a - b).max(-1).min() > 1e-5
 
 
-@pytest.mark.slow
 def test_cla_experiment_smoke_end_to_end(tmp_path):
   """`python launch.py --exp=cla --preset=smoke --workdir=TMP`: summary rows, figure, KV bytes."""
   workdir = tmp_path / "cla"

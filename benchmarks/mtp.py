@@ -1,0 +1,162 @@
+"""Multi-token prediction costs and gains, measured in one run (arXiv 2404.19737).
+
+    python benchmarks/mtp.py [--out=benchmarks/results/mtp.json] [--workdir=runs/mtp]
+
+1. Train-step time with n=4 transformer heads against n=1 on the same trunk (the jitted step the
+   loop runs, memory-efficient loss), for the `--exp=mtp` default model (4 layers) and a deeper
+   12-layer one: each extra head is one more layer, so the ratio falls with depth.
+2. Temporary memory of the loss's gradient (XLA's compiled memory analysis, nothing runs) for the
+   naive loss (every head's logits at once) and the memory-efficient one, n=4, T=2048, d=256, for
+   vocabularies 256 .. 32768.
+3. Greedy decoding of held-out prompts with 1..n heads against plain greedy `generate` (same
+   cache, same prompts): tokens per forward pass and wall-clock speedup. The model is the
+   `--exp=mtp` default run in --workdir (trained there first if the directory has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments import mtp  # noqa: E402
+from jaxtricks import sharding  # noqa: E402
+from jaxtricks.data.sources import held_out_prompts  # noqa: E402
+from jaxtricks.decode import generate, speculative_generate  # noqa: E402
+from jaxtricks.models.transformer import Transformer  # noqa: E402
+from jaxtricks.ops.mtp import loss_temp_bytes  # noqa: E402
+from jaxtricks.train import step as step_lib  # noqa: E402
+from jaxtricks.train.loop import train  # noqa: E402
+from jaxtricks.train.losses import LOSSES  # noqa: E402
+from jaxtricks.train.optimizer import lr_schedule, make_optimizer  # noqa: E402
+from jaxtricks.train.state import init_state, state_shardings  # noqa: E402
+
+flags.DEFINE_string("out", "benchmarks/results/mtp.json", "JSON output path")
+flags.DEFINE_string("workdir", "runs/mtp", "workdir of the --exp=mtp default run to decode with")
+flags.DEFINE_integer("steps", 8, "timed train steps per config")
+flags.DEFINE_integer("repeats", 3, "timed decoding calls per setting (best is kept)")
+FLAGS = flags.FLAGS
+
+
+def step_seconds(config, steps: int) -> float:
+  """Median seconds of the jitted train step, built as jaxtricks.train.loop builds it."""
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(config.model)
+  tx = make_optimizer(tc)
+  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
+  state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
+  fn = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, LOSSES[tc.loss], lr_schedule(tc)), shardings, mesh)
+  tokens = np.random.default_rng(0).integers(0, 256, (tc.batch_size, tc.seq_len + 1), np.int32)
+  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                         sharding.batch_sharding(mesh))
+  times = []
+  for i in range(steps + 2):
+    t0 = time.perf_counter()
+    state, metrics = fn(state, batch)
+    jax.block_until_ready(metrics)
+    if i >= 2:  # the first two include compilation
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def step_overhead(steps: int) -> list[dict]:
+  base = mtp.get_config("default")
+  rows = []
+  for name, model in (("default d128 L4", base.model),
+                      ("deep d128 L12", dataclasses.replace(base.model, n_layers=12))):
+    t = {}
+    for n in (1, 4):
+      cfg = dataclasses.replace(base, model=dataclasses.replace(model, mtp_heads=n))
+      t[n] = step_seconds(cfg, steps)
+    rows.append({"model": name, "step_s_n1": t[1], "step_s_n4": t[4], "ratio": t[4] / t[1]})
+    print(f"  step {name}: n=1 {t[1] * 1e3:.1f} ms, n=4 {t[4] * 1e3:.1f} ms, "
+          f"ratio {t[4] / t[1]:.2f}")
+  return rows
+
+
+def loss_memory() -> list[dict]:
+  rows = []
+  for vocab in (256, 4096, 32768):
+    naive = loss_temp_bytes(4, 1, 2048, 256, vocab, efficient=False)
+    fused = loss_temp_bytes(4, 1, 2048, 256, vocab, efficient=True)
+    rows.append({"vocab": vocab, "n": 4, "seq_len": 2048, "d_model": 256,
+                 "naive_bytes": naive, "efficient_bytes": fused, "ratio": fused / naive,
+                 "one_logits_bytes": 2048 * vocab * 4})
+  return rows
+
+
+def best_time(fn, repeats: int):
+  out = fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - t0)
+  return out, best
+
+
+def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
+  config = mtp.get_config("default")
+  result = train(config, workdir, exp="mtp")  # resumes a finished run at once
+  params = jax.device_get(result.state.params)
+  prompts = held_out_prompts(result.source, config.spec_prompts, config.spec_prompt_len)
+  n_new = config.spec_new_tokens
+  plain, t_plain = best_time(lambda: generate(result.model, params, prompts, n_new), repeats)
+  rows = []
+  for k in range(1, config.model.mtp_heads + 1):
+    spec, t = best_time(lambda k=k: speculative_generate(result.model, params, prompts, n_new,
+                                                         n_heads=k), repeats)
+    rows.append({"heads": k, "tokens_per_forward": spec.tokens_per_forward,
+                 "acceptance_per_position": list(spec.acceptance_per_position),
+                 "seconds": t, "speedup_vs_greedy": t_plain / t,
+                 "identical_to_greedy": bool(np.array_equal(spec.tokens, plain.tokens))})
+  info = {"prompts": len(prompts), "prompt_len": config.spec_prompt_len, "new_tokens": n_new,
+          "greedy_seconds": t_plain, "val_loss_head1": result.summary["val_metrics"]["loss_head1"]}
+  return rows, info
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  print("1. train step, n=4 transformer heads vs n=1, same trunk")
+  steps = step_overhead(FLAGS.steps)
+  print("2. loss gradient temporary memory (XLA memory analysis), n=4, T=2048, d=256")
+  memory = loss_memory()
+  print(f"  {'vocab':>6} {'naive MiB':>10} {'efficient MiB':>14} {'ratio':>6}")
+  for r in memory:
+    print(f"  {r['vocab']:>6} {r['naive_bytes'] / 2**20:>10.1f} "
+          f"{r['efficient_bytes'] / 2**20:>14.1f} {r['ratio']:>6.2f}")
+  print(f"3. greedy decoding with 1..n heads, the --exp=mtp default model in {FLAGS.workdir}")
+  decode, info = decoding(FLAGS.workdir, FLAGS.repeats)
+  print(f"  {info['prompts']} prompts x {info['new_tokens']} new tokens; plain greedy "
+        f"{info['greedy_seconds']:.3f} s")
+  print(f"  {'heads':>5} {'tok/fwd':>8} {'speedup':>8} {'identical':>9}  acceptance per position")
+  for r in decode:
+    acc = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
+    print(f"  {r['heads']:>5} {r['tokens_per_forward']:>8.2f} {r['speedup_vs_greedy']:>7.2f}x "
+          f"{r['identical_to_greedy']!s:>9}  {acc}")
+  out = {
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "jax": jax.__version__, "backend": jax.default_backend(),
+                  "devices": jax.device_count()},
+      "train_step": steps, "loss_memory": memory, "decoding": decode, "decoding_setup": info,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""Multi-token prediction maths: target shifting, head weights, the memory-efficient loss against
+the naive one, and the speculative acceptance rules against hand cases and a sampling test."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtricks.ops import mtp
+
+
+def test_shift_targets_masks_positions_past_the_end():
+  targets = np.arange(10).reshape(2, 5)
+  weights = np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], np.float32)
+  t, w = mtp.shift_targets(jnp.asarray(targets), jnp.asarray(weights), 3)
+  assert t.shape == w.shape == (3, 2, 5)
+  for i in range(3):  # head i + 1 at position p reads target p + i
+    for p in range(5):
+      expect_w = weights[:, p + i] if p + i < 5 else np.zeros(2)
+      np.testing.assert_array_equal(w[i, :, p], expect_w)
+      if p + i < 5:
+        np.testing.assert_array_equal(t[i, :, p], targets[:, p + i])
+  _, w_default = mtp.shift_targets(jnp.asarray(targets), None, 2)
+  np.testing.assert_array_equal(w_default[1], [[1, 1, 1, 1, 0]] * 2)
+
+
+def test_head_weights():
+  np.testing.assert_array_equal(mtp.head_weights(4), [1, 1, 1, 1])
+  np.testing.assert_allclose(mtp.head_weights(4, 0.3), [1, 0.1, 0.1, 0.1])
+  np.testing.assert_array_equal(mtp.head_weights(1, 0.3), [1])
+
+
+def _problem(n=3, b=2, t=6, d=8, v=11, seed=0):
+  rng = np.random.default_rng(seed)
+  shared = {"w": jnp.asarray(rng.normal(size=(d, v)), jnp.float32),
+            "s": jnp.asarray(rng.normal(size=(d,)), jnp.float32)}
+  h = jnp.asarray(rng.normal(size=(n, b, t, d)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, v, (n, b, t)), jnp.int32)
+  weights = jnp.asarray(rng.random((n, b, t)) > 0.3, jnp.float32)
+  project = lambda p, h_BxTxD: jnp.tanh(h_BxTxD * p["s"]) @ p["w"]
+  return project, shared, h, targets, weights
+
+
+def _numpy_objective(shared, h, targets, weights, head_w):
+  w, s = np.asarray(shared["w"], np.float64), np.asarray(shared["s"], np.float64)
+  total = 0.0
+  for i in range(h.shape[0]):
+    logits = np.tanh(np.asarray(h[i], np.float64) * s) @ w
+    logz = np.log(np.exp(logits).sum(-1))
+    nll = logz - np.take_along_axis(logits, np.asarray(targets[i])[..., None], -1)[..., 0]
+    wi = np.asarray(weights[i], np.float64)
+    total += head_w[i] * (nll * wi).sum() / max(wi.sum(), 1)
+  return total
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3])
+def test_efficient_loss_and_gradients_equal_naive(lam):
+  project, shared, h, targets, weights = _problem()
+  head_w = mtp.head_weights(3, lam)
+  grads = {}
+  for name, fn in (("naive", mtp.heads_cross_entropy_naive), ("fused", mtp.heads_cross_entropy)):
+    f = lambda s, x, fn=fn: fn(project, s, x, targets, weights, head_w)
+    (value, metrics), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(shared, h)
+    np.testing.assert_allclose(value, _numpy_objective(shared, h, targets, weights, head_w),
+                               rtol=1e-5)
+    assert metrics["loss"].shape == metrics["accuracy"].shape == (3,)
+    np.testing.assert_allclose(jnp.sum(head_w * metrics["loss"]), value, rtol=1e-6)
+    grads[name] = g
+  for a, b in zip(jax.tree.leaves(grads["naive"]), jax.tree.leaves(grads["fused"]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_efficient_loss_scales_with_the_output_cotangent_and_jits():
+  project, shared, h, targets, weights = _problem(seed=1)
+  f = lambda s: 2.5 * mtp.heads_cross_entropy(project, s, h, targets, weights, np.ones(3))[0]
+  g = lambda s: 2.5 * mtp.heads_cross_entropy_naive(project, s, h, targets, weights,
+                                                     np.ones(3))[0]
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(shared)["w"], jax.grad(g)(shared)["w"],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_efficient_loss_needs_a_third_of_the_temporary_memory():
+  naive = mtp.loss_temp_bytes(4, 1, 256, 64, 4096, efficient=False)
+  fused = mtp.loss_temp_bytes(4, 1, 256, 64, 4096, efficient=True)
+  logits = 256 * 4096 * 4
+  assert naive >= 4 * logits  # every head's logits at once
+  assert fused <= 0.4 * naive, (fused, naive)
+
+
+def test_greedy_accepts_counts_the_matching_prefix():
+  drafts = jnp.array([[1, 2, 3], [1, 2, 3], [1, 2, 3], [5, 2, 3]])
+  predicted = jnp.array([[1, 2, 3], [1, 2, 9], [1, 9, 3], [1, 2, 3]])
+  np.testing.assert_array_equal(mtp.greedy_accepts(drafts, predicted), [3, 2, 1, 0])
+  assert mtp.greedy_accepts(jnp.zeros((2, 0), jnp.int32), jnp.zeros((2, 0), jnp.int32)).tolist() \
+      == [0, 0]
+
+
+def test_speculative_accepts_hand_cases():
+  p = jnp.array([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # target is certain: token 1, then 2
+  q = jnp.array([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
+  n, resample = mtp.speculative_accepts(p, q, jnp.array([[1, 0]]), jax.random.key(0))
+  assert int(n[0]) == 1 and int(resample[0]) == 2  # second draft impossible under p
+  n, _ = mtp.speculative_accepts(p, p, jnp.array([[1, 2]]), jax.random.key(0))
+  assert int(n[0]) == 2
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+  # One draft x ~ q; the emitted token (x if accepted, else the residual sample) must be ~ p.
+  v, rows = 5, 200_000
+  p = np.array([0.05, 0.4, 0.25, 0.2, 0.1])
+  q = np.array([0.3, 0.1, 0.3, 0.1, 0.2])
+  k_draft, k_accept = jax.random.split(jax.random.key(7))
+  drafts = jax.random.categorical(k_draft, jnp.log(jnp.asarray(q)), shape=(rows,))[:, None]
+  p_b = jnp.broadcast_to(jnp.asarray(p, jnp.float32), (rows, 1, v))
+  q_b = jnp.broadcast_to(jnp.asarray(q, jnp.float32), (rows, 1, v))
+  n, resample = jax.jit(mtp.speculative_accepts)(p_b, q_b, drafts.astype(jnp.int32), k_accept)
+  emitted = np.where(np.asarray(n) == 1, np.asarray(drafts[:, 0]), np.asarray(resample))
+  freq = np.bincount(emitted, minlength=v) / rows
+  assert np.abs(freq - p).max() < 0.005, freq  # ~5 standard errors at 200k samples
+  accept_rate = float(np.mean(np.asarray(n)))
+  assert accept_rate == pytest.approx(np.minimum(p, q).sum(), abs=0.005)

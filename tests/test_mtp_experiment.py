@@ -1,0 +1,46 @@
+"""`python launch.py --exp=mtp --preset=smoke` end to end: the summary keys of the issue, the
+per-head figure, and greedy self-speculative output identical to greedy decoding."""
+
+import json
+
+import pytest
+
+from tests import support
+
+
+@pytest.fixture(scope="module")
+def mtp_smoke(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("mtp") / "run"
+  proc = support.launch("--exp=mtp", "--preset=smoke", f"--workdir={workdir}")
+  assert proc.returncode == 0, support.describe(proc)
+  return workdir, json.loads((workdir / "summary.json").read_text())
+
+
+def test_summary_holds_the_documented_keys(mtp_smoke):
+  workdir, summary = mtp_smoke
+  n = summary["heads"]
+  assert n == 4 and summary["exp"] == "mtp"
+  assert len(summary["val_loss_per_head"]) == len(summary["val_acc_per_head"]) == n
+  assert all(0 < x < 10 for x in summary["val_loss_per_head"])
+  assert all(0 <= x <= 1 for x in summary["val_acc_per_head"])
+  spec = summary["spec"]
+  assert set(spec) >= {"tokens_per_forward", "acceptance_per_position", "speedup_vs_greedy",
+                       "identical_to_greedy"}
+  assert spec["identical_to_greedy"] is True
+  assert 1.0 <= spec["tokens_per_forward"] <= n
+  assert len(spec["acceptance_per_position"]) == n - 1
+  assert spec["speedup_vs_greedy"] > 0
+  mem = summary["mem"]
+  assert 0 < mem["loss_temp_bytes_efficient"] < mem["loss_temp_bytes_naive"]
+  assert isinstance(summary["sample"]["continuation"], str)
+  assert summary["figures"] == ["head_losses.png"]
+  assert (workdir / "head_losses.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_log_every_head(mtp_smoke):
+  workdir, summary = mtp_smoke
+  records = support.read_jsonl(workdir / "metrics.jsonl")
+  train = support.train_records(records)
+  assert {f"loss_head{i}" for i in range(1, 5)} <= set(train[-1])
+  val = support.val_records(records)[-1]
+  assert val["val_loss_head1"] == summary["val_loss_per_head"][0]
