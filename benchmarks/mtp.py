@@ -48,8 +48,8 @@ flags.DEFINE_integer("repeats", 3, "timed decoding calls per setting (best is ke
 FLAGS = flags.FLAGS
 
 
-def step_seconds(config, steps: int) -> float:
-  """Median seconds of the jitted train step, built as jaxtricks.train.loop builds it."""
+def make_step(config):
+  """The jitted train step as jaxtricks.train.loop builds it, and a closure running one step."""
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(config.model)
@@ -61,26 +61,33 @@ def step_seconds(config, steps: int) -> float:
   tokens = np.random.default_rng(0).integers(0, 256, (tc.batch_size, tc.seq_len + 1), np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
                          sharding.batch_sharding(mesh))
-  times = []
-  for i in range(steps + 2):
+  box = {"state": state}
+
+  def one() -> float:
     t0 = time.perf_counter()
-    state, metrics = fn(state, batch)
+    box["state"], metrics = fn(box["state"], batch)
     jax.block_until_ready(metrics)
-    if i >= 2:  # the first two include compilation
-      times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    return time.perf_counter() - t0
+  return one
 
 
 def step_overhead(steps: int) -> list[dict]:
+  """n=4 against n=1, steps interleaved so both see the same machine load; medians."""
   base = mtp.get_config("default")
   rows = []
   for name, model in (("default d128 L4", base.model),
                       ("deep d128 L12", dataclasses.replace(base.model, n_layers=12))):
-    t = {}
-    for n in (1, 4):
-      cfg = dataclasses.replace(base, model=dataclasses.replace(model, mtp_heads=n))
-      t[n] = step_seconds(cfg, steps)
-    rows.append({"model": name, "step_s_n1": t[1], "step_s_n4": t[4], "ratio": t[4] / t[1]})
+    run = {n: make_step(dataclasses.replace(base, model=dataclasses.replace(model, mtp_heads=n)))
+           for n in (1, 4)}
+    for n in (1, 4):  # compilation and one warm-up step
+      run[n](), run[n]()
+    times = {1: [], 4: []}
+    for _ in range(steps):
+      for n in (1, 4):
+        times[n].append(run[n]())
+    t = {n: statistics.median(v) for n, v in times.items()}
+    rows.append({"model": name, "step_s_n1": t[1], "step_s_n4": t[4], "ratio": t[4] / t[1],
+                 "steps_timed": steps})
     print(f"  step {name}: n=1 {t[1] * 1e3:.1f} ms, n=4 {t[4] * 1e3:.1f} ms, "
           f"ratio {t[4] / t[1]:.2f}")
   return rows
@@ -113,17 +120,23 @@ def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
   params = jax.device_get(result.state.params)
   prompts = held_out_prompts(result.source, config.spec_prompts, config.spec_prompt_len)
   n_new = config.spec_new_tokens
-  plain, t_plain = best_time(lambda: generate(result.model, params, prompts, n_new), repeats)
-  rows = []
-  for k in range(1, config.model.mtp_heads + 1):
-    spec, t = best_time(lambda k=k: speculative_generate(result.model, params, prompts, n_new,
-                                                         n_heads=k), repeats)
-    rows.append({"heads": k, "tokens_per_forward": spec.tokens_per_forward,
-                 "acceptance_per_position": list(spec.acceptance_per_position),
-                 "seconds": t, "speedup_vs_greedy": t_plain / t,
-                 "identical_to_greedy": bool(np.array_equal(spec.tokens, plain.tokens))})
-  info = {"prompts": len(prompts), "prompt_len": config.spec_prompt_len, "new_tokens": n_new,
-          "greedy_seconds": t_plain, "val_loss_head1": result.summary["val_metrics"]["loss_head1"]}
+  rows, greedy_s = [], {}
+  for batch in (prompts, prompts[:1]):
+    b = len(batch)
+    plain, t_plain = best_time(lambda batch=batch: generate(result.model, params, batch, n_new),
+                               repeats)
+    greedy_s[b] = t_plain
+    for k in range(1, config.model.mtp_heads + 1):
+      spec, t = best_time(lambda k=k, batch=batch: speculative_generate(
+          result.model, params, batch, n_new, n_heads=k), repeats)
+      rows.append({"batch": b, "heads": k, "tokens_per_forward": spec.tokens_per_forward,
+                   "acceptance_per_position": list(spec.acceptance_per_position),
+                   "seconds": t, "speedup_vs_greedy": t_plain / t,
+                   "ms_per_pass": 1e3 * t / spec.forward_passes,
+                   "greedy_ms_per_pass": 1e3 * t_plain / plain.forward_passes,
+                   "identical_to_greedy": bool(np.array_equal(spec.tokens, plain.tokens))})
+  info = {"prompt_len": config.spec_prompt_len, "new_tokens": n_new, "greedy_seconds": greedy_s,
+          "val_loss_head1": result.summary["val_metrics"]["loss_head1"]}
   return rows, info
 
 
@@ -139,13 +152,14 @@ def main(argv: list[str]) -> None:
           f"{r['efficient_bytes'] / 2**20:>14.1f} {r['ratio']:>6.2f}")
   print(f"3. greedy decoding with 1..n heads, the --exp=mtp default model in {FLAGS.workdir}")
   decode, info = decoding(FLAGS.workdir, FLAGS.repeats)
-  print(f"  {info['prompts']} prompts x {info['new_tokens']} new tokens; plain greedy "
-        f"{info['greedy_seconds']:.3f} s")
-  print(f"  {'heads':>5} {'tok/fwd':>8} {'speedup':>8} {'identical':>9}  acceptance per position")
+  print(f"  held-out prompts of {info['prompt_len']} bytes, {info['new_tokens']} new tokens")
+  print(f"  {'batch':>5} {'heads':>5} {'tok/fwd':>8} {'ms/pass':>8} {'greedy ms/pass':>14} "
+        f"{'speedup':>8} {'identical':>9}  acceptance per position")
   for r in decode:
     acc = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
-    print(f"  {r['heads']:>5} {r['tokens_per_forward']:>8.2f} {r['speedup_vs_greedy']:>7.2f}x "
-          f"{r['identical_to_greedy']!s:>9}  {acc}")
+    print(f"  {r['batch']:>5} {r['heads']:>5} {r['tokens_per_forward']:>8.2f} "
+          f"{r['ms_per_pass']:>8.3f} {r['greedy_ms_per_pass']:>14.3f} "
+          f"{r['speedup_vs_greedy']:>7.2f}x {r['identical_to_greedy']!s:>9}  {acc}")
   out = {
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                   "jax": jax.__version__, "backend": jax.default_backend(),

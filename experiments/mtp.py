@@ -48,6 +48,8 @@ class MtpConfig(Config):
   spec_prompt_len: int = 64
   spec_new_tokens: int = 128
   sample_new_tokens: int = 160
+  task_examples: int = 64              # polynomial: held-out expressions decoded per setting
+  task_ood_ops: tuple[int, ...] = (6, 7)  # polynomial: out-of-distribution operation counts
 
 
 def get_config(preset: str) -> MtpConfig:
@@ -71,7 +73,8 @@ def get_config(preset: str) -> MtpConfig:
     return MtpConfig(
         model=ModelConfig(d_model=96, n_layers=3, n_heads=4, mtp_heads=2),
         train=dataclasses.replace(train_cfg, steps=300, ckpt_every=0, batch_size=32),
-        data=DataConfig(task=preset), compare_heads=(1, 2), spec_new_tokens=32)
+        data=DataConfig(task=preset), compare_heads=(1, 2), spec_prompt_len=96,
+        spec_new_tokens=32)
   return MtpConfig(
       model=ModelConfig(d_model=1024, n_layers=16, n_heads=8, dtype="bfloat16", **mtp),
       train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1e-3, warmup_steps=1000,
@@ -94,22 +97,55 @@ def _timed(fn, repeats: int = 2):
 
 
 def decoding(result: RunResult, config: MtpConfig) -> dict:
-  """Self-speculative against plain greedy decoding: same prompts, same cache layout."""
+  """Self-speculative against plain greedy decoding: same prompts, same cache layout; for the
+  batch of `spec_prompts` prompts and, under `batch1`, for the first prompt alone."""
   params = jax.device_get(result.state.params)
   prompts, n_new = _prompts(result, config), config.spec_new_tokens
-  plain, t_plain = _timed(lambda: generate(result.model, params, prompts, n_new))
-  spec, t_spec = _timed(lambda: speculative_generate(result.model, params, prompts, n_new))
-  return {
-      "heads_used": result.model.config.mtp_heads,
-      "tokens_per_forward": spec.tokens_per_forward,
-      "acceptance_per_position": list(spec.acceptance_per_position),
-      "speedup_vs_greedy": t_plain / t_spec,
-      "greedy_tokens_per_s": float(plain.lengths.sum()) / t_plain,
-      "speculative_tokens_per_s": float(spec.lengths.sum()) / t_spec,
-      "identical_to_greedy": bool(np.array_equal(plain.tokens, spec.tokens)
-                                  and np.array_equal(plain.lengths, spec.lengths)),
-      "prompts": len(prompts), "new_tokens": n_new,
-  }
+
+  def measure(batch: list) -> dict:
+    plain, t_plain = _timed(lambda: generate(result.model, params, batch, n_new))
+    spec, t_spec = _timed(lambda: speculative_generate(result.model, params, batch, n_new))
+    return {
+        "tokens_per_forward": spec.tokens_per_forward,
+        "acceptance_per_position": list(spec.acceptance_per_position),
+        "speedup_vs_greedy": t_plain / t_spec,
+        "greedy_tokens_per_s": float(plain.lengths.sum()) / t_plain,
+        "speculative_tokens_per_s": float(spec.lengths.sum()) / t_spec,
+        "identical_to_greedy": bool(np.array_equal(plain.tokens, spec.tokens)
+                                    and np.array_equal(plain.lengths, spec.lengths)),
+        "prompts": len(batch), "new_tokens": n_new,
+    }
+
+  out = {"heads_used": result.model.config.mtp_heads, **measure(prompts)}
+  out["batch1"] = measure(prompts[:1])
+  out["identical_to_greedy"] = out["identical_to_greedy"] and out["batch1"]["identical_to_greedy"]
+  return out
+
+
+def task_scores(result: RunResult, config: MtpConfig) -> dict:
+  """Induction: accuracy on the second letters of repeated names (the scored targets).
+  Polynomials: exact match of greedily decoded answers, in and out of distribution."""
+  val = result.summary["val_metrics"]
+  scores = {"task": config.data.task,
+            "scored_token_accuracy": val.get("accuracy_head1", val["accuracy"])}
+  if config.data.task != "polynomial":
+    return scores
+  task = result.source
+  params = jax.device_get(result.state.params)
+  settings = {"in_distribution": (1, config.data.task_ops)}
+  settings.update({f"ood_{m}_ops": (m, m) for m in config.task_ood_ops})
+  for name, (lo, hi) in settings.items():
+    rng = np.random.default_rng([lo, hi, 12345])  # the same expressions for every run
+    examples = [task.example(rng, int(rng.integers(lo, hi + 1)))
+                for _ in range(config.task_examples)]
+    prompts = [list(f"{expr}=".encode()) for expr, _ in examples]
+    longest = max(len(a) for _, a in examples) + 1
+    gen = generate(result.model, params, prompts, longest, stop_tokens=(ord("\n"),))
+    answers = [bytes(row[:n].tolist()).decode("ascii", "replace").rstrip("\n")
+               for row, n in zip(gen.tokens, gen.lengths, strict=True)]
+    scores[f"exact_match_{name}"] = float(np.mean([a == ref for a, (_, ref) in zip(
+        answers, examples, strict=True)]))
+  return scores
 
 
 def _one_run(config: MtpConfig, workdir: str, exp: str) -> dict:
@@ -134,7 +170,9 @@ def _one_run(config: MtpConfig, workdir: str, exp: str) -> dict:
       "loss_temp_bytes_efficient": loss_temp_bytes(n, t.batch_size, t.seq_len, m.d_model,
                                                    m.vocab_size, efficient=True),
   }
-  if not config.data.task:
+  if config.data.task:
+    out["task"] = task_scores(result, config)
+  else:
     params = jax.device_get(result.state.params)
     gen = generate(result.model, params, _prompts(result, config)[:1], config.sample_new_tokens)
     prompt = bytes(_prompts(result, config)[0].tolist())
@@ -172,10 +210,13 @@ def _row_text(r: dict) -> str:
   parts = [f"heads {r['heads']}", "val loss/head " + " ".join(f"{x:.3f}"
                                                              for x in r["val_loss_per_head"]),
            "acc/head " + " ".join(f"{x:.3f}" for x in r["val_acc_per_head"])]
+  if "task" in r:
+    parts += [f"{k} {v:.3f}" for k, v in r["task"].items() if isinstance(v, float)]
   if "spec" in r:
     s = r["spec"]
     parts += [f"tokens/forward {s['tokens_per_forward']:.2f}",
-              f"speedup {s['speedup_vs_greedy']:.2f}x",
+              f"speedup {s['speedup_vs_greedy']:.2f}x (batch {s['prompts']}), "
+              f"{s['batch1']['speedup_vs_greedy']:.2f}x (batch 1)",
               f"identical {s['identical_to_greedy']}"]
   mem = r["mem"]
   parts.append(f"loss temp MiB naive {mem['loss_temp_bytes_naive'] / 2**20:.1f} "

@@ -1,5 +1,6 @@
 """Run by tests/test_sharding.py in a process with 8 CPU devices: the smoke run of the shared
-one-device reference under two meshes, then each run's parameter layout as JSON on stdout.
+one-device reference under two meshes, then each run's parameter layout as JSON on stdout; and
+the multi-token smoke run under FSDP.
 
     python tests/sharded_runs.py WORKDIR
 """
@@ -42,6 +43,9 @@ def main(workdir: str) -> None:
     report[name] = {"mesh": dict(result.mesh.shape), "params": layout(result.state.params),
                     "mu": layout(result.state.opt_state), "summary_val_loss":
                     result.summary["val_loss"]}
+  # The multi-token model: its memory-efficient loss (a custom VJP over a scan) under FSDP.
+  config = override(get_config("mtp", "smoke"), SMOKE_OVERRIDES)
+  train(config, str(pathlib.Path(workdir) / "mtp_fsdp8"))
   print(json.dumps(report))
 
 

@@ -30,6 +30,7 @@ def test_summary_holds_the_documented_keys(mtp_smoke):
   assert 1.0 <= spec["tokens_per_forward"] <= n
   assert len(spec["acceptance_per_position"]) == n - 1
   assert spec["speedup_vs_greedy"] > 0
+  assert spec["batch1"]["prompts"] == 1 and spec["batch1"]["identical_to_greedy"] is True
   mem = summary["mem"]
   assert 0 < mem["loss_temp_bytes_efficient"] < mem["loss_temp_bytes_naive"]
   assert isinstance(summary["sample"]["continuation"], str)
@@ -44,3 +45,21 @@ def test_metrics_log_every_head(mtp_smoke):
   assert {f"loss_head{i}" for i in range(1, 5)} <= set(train[-1])
   val = support.val_records(records)[-1]
   assert val["val_loss_head1"] == summary["val_loss_per_head"][0]
+
+
+def test_polynomial_task_run_reports_exact_match(tmp_path):
+  """The synthetic-task path: n=1 against n=2 on F7[X]/(X^5) arithmetic, answers decoded."""
+  workdir = tmp_path / "poly"
+  proc = support.launch("--exp=mtp", "--preset=smoke", f"--workdir={workdir}",
+                        "--data.task=polynomial", "--train.seq_len=96", "--steps=4",
+                        "--compare_heads=1,2", "--spec_prompt_len=96", "--task_examples=4",
+                        "--task_ood_ops=6", "--model.mtp_heads=2")
+  assert proc.returncode == 0, support.describe(proc)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [r["heads"] for r in summary["runs"]] == [1, 2]
+  for row in summary["runs"]:
+    task = row["task"]
+    assert task["task"] == "polynomial"
+    for key in ("scored_token_accuracy", "exact_match_in_distribution", "exact_match_ood_6_ops"):
+      assert 0.0 <= task[key] <= 1.0
+    assert row["spec"]["identical_to_greedy"] is True

@@ -93,6 +93,20 @@ def test_sharded_run_equals_one_device_run(sharded, smoke_run, name, mesh):
                                                            rel=1e-5)
 
 
+def test_sharded_multi_token_run_equals_one_device_run(sharded, tmp_path):
+  workdir, _ = sharded
+  flags = ("--exp=mtp", *support.SMOKE_FLAGS[1:])
+  proc = support.launch(*flags, f"--workdir={tmp_path / 'mtp'}")
+  assert proc.returncode == 0, support.describe(proc)
+  reference = support.read_jsonl(tmp_path / "mtp" / "metrics.jsonl")
+  records = support.read_jsonl(workdir / "mtp_fsdp8" / "metrics.jsonl")
+  ref_train, got_train = support.train_records(reference), support.train_records(records)
+  assert len(ref_train) == 6
+  for key in ("loss", "loss_head1", "loss_head4", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in got_train], [r[key] for r in ref_train],
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_fsdp_shards_every_matrix_over_all_devices(sharded):
   _, report = sharded
   params = report["fsdp8"]["params"]

@@ -49,11 +49,7 @@ def runs(config, tmp_path_factory):
   ckpt_dir = workdir / "checkpoints"
   saved_steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
   shutil.rmtree(ckpt_dir / str(STEPS))
-  # check_resumable is exercised by test_check_resumable below (and by the launch.py tests);
-  # here it is bypassed so that the bitwise resume is tested despite the known kv_layout bug.
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(loop, "check_resumable", lambda workdir, config: None)
-    resumed = loop.train(config, str(workdir))
+  resumed = loop.train(config, str(workdir))
   return dict(full=full, full_state=full_state, full_metrics=full_metrics,
               saved_steps=saved_steps, resumed=resumed, workdir=workdir,
               resumed_metrics=support.read_jsonl(workdir / "metrics.jsonl"))
