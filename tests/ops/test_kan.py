@@ -1,0 +1,106 @@
+"""KAN bases and layer forms against independent references: scipy's B-splines, finite
+differences, autodiff through the recursion, and the per-edge sum."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.interpolate import BSpline
+
+from jaxtricks.ops import kan
+
+
+def _scipy_bases(x, knots, k):
+  """(N, G + k) basis values from scipy: one design row per sample."""
+  n_basis = len(knots) - k - 1
+  out = np.zeros((len(x), n_basis))
+  for j in range(n_basis):
+    c = np.zeros(n_basis)
+    c[j] = 1.0
+    out[:, j] = BSpline(knots, c, k, extrapolate=False)(x)
+  return np.nan_to_num(out)
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+@pytest.mark.parametrize("grid_size", [1, 5])
+def test_bspline_basis_matches_scipy(order, grid_size):
+  grid = kan.uniform_grid(2, grid_size, order, -1.0, 1.0)
+  x = np.random.default_rng(0).uniform(-1.0, 1.0, (200, 2)).astype(np.float32)
+  basis = np.asarray(kan.bspline_basis(jnp.asarray(x), grid, order))
+  assert basis.shape == (200, 2, grid_size + order)
+  for i in range(2):
+    np.testing.assert_allclose(basis[:, i], _scipy_bases(x[:, i], np.asarray(grid[i]), order),
+                               atol=2e-6)
+
+
+def test_partition_of_unity_inside_the_grid_and_zero_outside():
+  order, g = 3, 7
+  grid = kan.uniform_grid(3, g, order, -2.0, 3.0)
+  x = jnp.linspace(-2.0, 2.999, 101)[:, None].repeat(3, 1)
+  np.testing.assert_allclose(kan.bspline_basis(x, grid, order).sum(-1), 1.0, atol=1e-5)
+  far = jnp.full((4, 3), 100.0)
+  assert float(jnp.abs(kan.bspline_basis(far, grid, order)).max()) == 0.0
+
+
+def test_custom_gradient_equals_autodiff_and_finite_differences():
+  order = 3
+  grid = kan.uniform_grid(2, 5, order)
+  x = jnp.asarray(np.random.default_rng(1).uniform(-0.95, 0.95, (64, 2)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5 + order)), jnp.float32)
+  f_fast = lambda x: jnp.sum(kan.bspline_basis(x, grid, order) * w)
+  f_auto = lambda x: jnp.sum(kan._cox_de_boor(x, grid, order)[0] * w)
+  g_fast, g_auto = jax.grad(f_fast)(x), jax.grad(f_auto)(x)
+  np.testing.assert_allclose(g_fast, g_auto, rtol=1e-4, atol=1e-5)
+  deriv = kan.bspline_basis_derivative(x, grid, order)
+  eps = 1e-3
+  fd = (kan.bspline_basis(x + eps, grid, order) - kan.bspline_basis(x - eps, grid, order)) / (
+      2 * eps)
+  np.testing.assert_allclose(deriv, fd, atol=2e-2)
+
+
+def test_repeated_knots_give_no_nan():
+  grid = jnp.asarray([[-1.0, -1.0, -1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+  x = jnp.asarray([[-1.0], [-0.5], [0.0], [0.5], [0.999]])
+  basis = kan.bspline_basis(x, grid, 3)
+  grads = jax.grad(lambda x: kan.bspline_basis(x, grid, 3).sum())(x)
+  assert bool(jnp.all(jnp.isfinite(basis))) and bool(jnp.all(jnp.isfinite(grads)))
+  np.testing.assert_allclose(basis.sum(-1), 1.0, atol=1e-6)  # clamped knots: unity everywhere
+
+
+def test_rbf_and_chebyshev_bases():
+  x = jnp.asarray([[0.3, -0.7]])
+  centres = jnp.linspace(-1.0, 1.0, 5)
+  np.testing.assert_allclose(kan.rbf_basis(x, centres, 0.5)[0, 0],
+                             np.exp(-((0.3 - np.linspace(-1, 1, 5)) / 0.5) ** 2), rtol=1e-6)
+  u = np.tanh(np.asarray(x))
+  cheb = np.polynomial.chebyshev.chebvander(u, 4)
+  np.testing.assert_allclose(kan.chebyshev_basis(x, 4), cheb, rtol=1e-5, atol=1e-6)
+
+
+def test_matmul_form_equals_per_edge_form_and_a_naive_loop():
+  rng = np.random.default_rng(3)
+  n, i, o, g, k = 16, 3, 4, 5, 3
+  x = jnp.asarray(rng.uniform(-1, 1, (n, i)), jnp.float32)
+  grid = kan.uniform_grid(i, g, k)
+  coef = jnp.asarray(rng.normal(size=(i, o, g + k)), jnp.float32)
+  w_b = jnp.asarray(rng.normal(size=(i, o)), jnp.float32)
+  w_s = jnp.asarray(rng.normal(size=(i, o)), jnp.float32)
+  basis = kan.bspline_basis(x, grid, k)
+  y = kan.kan_matmul(x, basis, coef, w_b, w_s)
+  phi = kan.kan_edges(x, basis, coef, w_b, w_s)
+  assert y.shape == (n, o) and phi.shape == (n, o, i)
+  np.testing.assert_allclose(phi.sum(-1), y, rtol=1e-5, atol=1e-5)
+  xs, bs = np.asarray(x, np.float64), np.asarray(basis, np.float64)
+  silu = xs / (1 + np.exp(-xs))
+  ref = np.zeros((n, o))
+  for a in range(o):
+    for b in range(i):
+      ref[:, a] += w_b[b, a] * silu[:, b] + w_s[b, a] * bs[:, b] @ np.asarray(coef[b, a])
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_grid_shapes_are_refused():
+  with pytest.raises(ValueError, match=r"grid must be \(I=2"):
+    kan.bspline_basis(jnp.zeros((4, 2)), kan.uniform_grid(3, 5, 3), 3)
+  with pytest.raises(ValueError, match="grid_size >= 1"):
+    kan.uniform_grid(2, 0, 3)
