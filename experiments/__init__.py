@@ -11,7 +11,7 @@ from types import ModuleType
 
 from jaxtricks.errors import ConfigError
 
-EXPERIMENTS = ("lm", "cla", "mtp")
+EXPERIMENTS = ("lm", "cla", "mtp", "kan")
 
 
 def load(name: str) -> ModuleType:

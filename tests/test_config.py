@@ -120,7 +120,7 @@ def test_to_json_round_trips_values():
   assert set(data) == {"model", "train", "data", "mesh"}
 
 
-@pytest.mark.parametrize("exp", ["lm", "cla", "mtp"])
+@pytest.mark.parametrize("exp", ["lm", "cla", "mtp", "kan"])
 def test_every_experiment_preset_is_a_valid_config(exp):
   presets = load(exp).PRESETS
   assert {"smoke", "default", "full"} <= set(presets)
@@ -128,5 +128,5 @@ def test_every_experiment_preset_is_a_valid_config(exp):
     get_config(exp, preset).validate()
   with pytest.raises(ConfigError, match=f"has no preset 'huge'; valid: {', '.join(presets)}"):
     get_config(exp, "huge")
-  with pytest.raises(ConfigError, match="unknown experiment 'nope'; valid: lm, cla, mtp"):
+  with pytest.raises(ConfigError, match="unknown experiment 'nope'; valid: lm, cla, mtp, kan"):
     get_config("nope", "smoke")

@@ -97,7 +97,7 @@ def test_rerun_does_not_duplicate_metrics(rerun):
 # name -> (flags, devices, substrings the one error line must contain)
 ERRORS = {
     "unknown_exp": (["--exp=nope"], 1,
-                    ["unknown experiment 'nope'", "valid: lm, cla, mtp"]),
+                    ["unknown experiment 'nope'", "valid: lm, cla, mtp, kan"]),
     "unknown_preset": (["--exp=lm", "--preset=huge"], 1,
                        ["no preset 'huge'", "valid: smoke, default, full"]),
     "unknown_key": (["--preset=smoke", "--model.d_modle=32"], 1,

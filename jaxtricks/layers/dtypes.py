@@ -2,7 +2,9 @@
 
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 needs jax_enable_x64 (the KAN function-fitting experiment turns it on).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
 
 
 def resolve_dtype(name: str):

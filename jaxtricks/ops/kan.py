@@ -24,13 +24,13 @@ import jax.numpy as jnp
 
 
 def uniform_grid(n_in: int, grid_size: int, order: int, lo: float = -1.0,
-                 hi: float = 1.0) -> jnp.ndarray:
+                 hi: float = 1.0, dtype=jnp.float32) -> jnp.ndarray:
   """(I, G + 2k + 1) knots: G equal intervals on [lo, hi], extended by k knots on each side."""
   if grid_size < 1 or order < 0 or not hi > lo:
     raise ValueError(f"a grid needs grid_size >= 1, order >= 0 and hi > lo; got {grid_size}, "
                      f"{order}, [{lo}, {hi}]")
   h = (hi - lo) / grid_size
-  knots = lo + h * jnp.arange(-order, grid_size + order + 1, dtype=jnp.float32)
+  knots = (lo + h * jnp.arange(-order, grid_size + order + 1)).astype(dtype)
   return jnp.broadcast_to(knots, (n_in, knots.shape[0]))
 
 
@@ -140,3 +140,53 @@ def kan_edges(x_NxI: jnp.ndarray, basis_NxIxJ: jnp.ndarray, coef_IxOxJ: jnp.ndar
   spline_NxOxI = jnp.einsum("NIJ,IOJ->NOI", basis_NxIxJ, coef_IxOxJ)
   return (w_base_IxO.T[None] * jax.nn.silu(x_NxI)[:, None, :]
           + w_spline_IxO.T[None] * spline_NxOxI)
+
+
+def solve_least_squares(a_BxNxJ: jnp.ndarray, y_BxNxO: jnp.ndarray,
+                        ridge: float = 1e-8) -> jnp.ndarray:
+  """Batched min_c ||A c - y||^2 + lam ||c||^2 -> (B, J, O), lam = ridge * mean diag(A^T A).
+
+  The ridge makes the normal equations positive definite, so empty intervals, repeated samples
+  or a single sample per interval give a finite answer (the minimum-norm-like one), never NaN;
+  if the solve still fails numerically, the pseudo-inverse answer is returned instead.
+  """
+  ata = jnp.einsum("BNJ,BNK->BJK", a_BxNxJ, a_BxNxJ)
+  aty = jnp.einsum("BNJ,BNO->BJO", a_BxNxJ, y_BxNxO)
+  j = ata.shape[-1]
+  scale = jnp.trace(ata, axis1=1, axis2=2)[:, None, None] / j
+  lam = ridge * scale + jnp.finfo(ata.dtype).tiny
+  c = jnp.linalg.solve(ata + lam * jnp.eye(j, dtype=ata.dtype), aty)
+  fallback = jnp.einsum("BJN,BNO->BJO", jnp.linalg.pinv(a_BxNxJ), y_BxNxO)
+  return jnp.where(jnp.all(jnp.isfinite(c)), c, fallback)
+
+
+def grid_from_samples(x_NxI: jnp.ndarray, grid_size: int, order: int,
+                      grid_eps: float = 0.02) -> jnp.ndarray:
+  """Knots (I, G + 2k + 1) that follow the samples (pykan's update_grid): interior knots
+  grid_eps * uniform + (1 - grid_eps) * quantiles over [min, max], extended by k uniform steps."""
+  n = x_NxI.shape[0]
+  xs = jnp.sort(x_NxI, axis=0)
+  idx = jnp.round(jnp.linspace(0, n - 1, grid_size + 1)).astype(jnp.int32)
+  adaptive_GxI = xs[idx]
+  lo, hi = xs[0], xs[-1]
+  h_I = (hi - lo) / grid_size
+  h_I = jnp.where(h_I > 0, h_I, 1e-3 * (jnp.abs(lo) + 1.0))  # all samples equal: a small grid
+  uniform_GxI = lo + h_I * jnp.arange(grid_size + 1)[:, None]
+  inner = grid_eps * uniform_GxI + (1 - grid_eps) * adaptive_GxI
+  left = inner[:1] - h_I * jnp.arange(order, 0, -1)[:, None]
+  right = inner[-1:] + h_I * jnp.arange(1, order + 1)[:, None]
+  return jnp.concatenate([left, inner, right], axis=0).T
+
+
+def fit_coefficients(x_NxI: jnp.ndarray, values_NxIxO: jnp.ndarray, grid_IxM: jnp.ndarray,
+                     order: int, ridge: float = 1e-8) -> jnp.ndarray:
+  """Coefficients (I, O, J) whose splines on `grid` best match `values` at the samples."""
+  basis_IxNxJ = jnp.swapaxes(bspline_basis(x_NxI, grid_IxM, order), 0, 1)
+  coef_IxJxO = solve_least_squares(basis_IxNxJ, jnp.swapaxes(values_NxIxO, 0, 1), ridge)
+  return jnp.swapaxes(coef_IxJxO, 1, 2)
+
+
+def spline_values(x_NxI: jnp.ndarray, grid_IxM: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
+                  order: int) -> jnp.ndarray:
+  """sum_j c[i, o, j] B_j(x_i): (N, I, O), the spline part of every edge before w_s."""
+  return jnp.einsum("NIJ,IOJ->NIO", bspline_basis(x_NxI, grid_IxM, order), coef_IxOxJ)

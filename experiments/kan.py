@@ -1,0 +1,147 @@
+"""KAN grid extension (Liu et al. 2024, arXiv 2404.19756, Fig. 2.3; pykan's tutorial).
+
+    python launch.py --exp=kan                   # default preset: about 1 minute on 2 CPU cores
+    python launch.py --exp=kan --preset=smoke
+
+Fits f(x, y) = exp(sin(pi x) + y^2) with a [2, 1, 1] KAN: 1000 training and 1000 test points
+uniform on [-1, 1]^2, full-batch L-BFGS (`train.steps` iterations per grid, knots following the
+layer inputs every 5 steps for the first 50, as pykan's fit does), then grid extension
+3 -> 5 -> 10 -> 20 -> 50 -> 100 with the function kept by a least-squares refit. Float64
+(jax_enable_x64) as in pykan's tutorial. pykan's tutorial reports test RMSE 1.53e-2, 3.29e-4,
+4.04e-5, 1.24e-5 at G = 3, 10, 20, 50; README has what this gives.
+
+summary.json: rmse_by_grid {G: test RMSE}, train_rmse_by_grid, refine_rmse_change {G: RMSE
+between the outputs before and after extending to G}, scaling_slope (log-log slope of test RMSE
+over G = 5..50); kan_grid_extension.png. The model/data/mesh sections of the config are unused;
+train.steps and train.seed are the L-BFGS steps per grid and the seed.
+Not yet here: the hellokan pipeline (regularise, prune, symbolic formula) and the special-function
+presets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtricks import metrics as mlog
+from jaxtricks.config import Config, flatten, to_dict
+from jaxtricks.errors import ConfigError
+from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
+from jaxtricks.train.config import TrainConfig
+
+PRESETS = ("smoke", "default", "full")
+FUNCTIONS = {"exp_sin": lambda x: jnp.exp(jnp.sin(jnp.pi * x[:, :1]) + x[:, 1:2] ** 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KanConfig(Config):
+  function: str = "exp_sin"
+  widths: tuple[int, ...] = (2, 1, 1)
+  grids: tuple[int, ...] = (3, 5, 10, 20, 50, 100)
+  order: int = 3
+  n_train: int = 1000
+  n_test: int = 1000
+  update_grid_every: int = 5
+  update_grid_until: int = 50
+  float64: bool = True
+
+  def validate(self) -> KanConfig:
+    if self.function not in FUNCTIONS:
+      raise ConfigError(f"function={self.function!r} is unknown; valid: {', '.join(FUNCTIONS)}")
+    if not self.grids or any(g < 1 for g in self.grids) or list(self.grids) != sorted(
+        self.grids):
+      raise ConfigError(f"grids={self.grids} must be increasing sizes >= 1")
+    if len(self.widths) < 2 or self.widths[0] != 2 or self.widths[-1] != 1:
+      raise ConfigError(f"widths={self.widths}: the function maps 2 inputs to 1 output")
+    if self.train.steps < 1 or self.n_train < 1 or self.n_test < 1:
+      raise ConfigError("train.steps, n_train and n_test must be >= 1")
+    return self
+
+
+def get_config(preset: str) -> KanConfig:
+  if preset == "smoke":
+    return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=TrainConfig(steps=20))
+  return KanConfig(train=TrainConfig(steps=200))
+
+
+def _slope(rmse_by_grid: dict[int, float], lo: int = 5, hi: int = 50) -> float | None:
+  pts = [(math.log(g), math.log(r)) for g, r in rmse_by_grid.items() if lo <= g <= hi and r > 0]
+  if len(pts) < 2:
+    return None
+  x, y = np.array(pts).T
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def run(config: KanConfig, workdir: str) -> dict:
+  t_start = time.time()
+  if config.float64:
+    jax.config.update("jax_enable_x64", True)
+  dtype = jnp.float64 if config.float64 else jnp.float32
+  os.makedirs(workdir, exist_ok=True)
+  mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="kan"))
+  rng = np.random.default_rng(config.train.seed)
+  x_train = jnp.asarray(rng.uniform(-1, 1, (config.n_train, 2)), dtype)
+  x_test = jnp.asarray(rng.uniform(-1, 1, (config.n_test, 2)), dtype)
+  f = FUNCTIONS[config.function]
+  y_train, y_test = f(x_train), f(x_test)
+  # Initial values drawn in float32, then cast. In our runs, drawing them in float64 instead left
+  # L-BFGS stuck near RMSE 0.67 for 5 of 5 seeds, against 1 of 5 seeds for float32 draws. The
+  # cause is not yet understood.
+  model = KAN(tuple(config.widths), grid_size=config.grids[0], order=config.order)
+  variables = jax.tree.map(lambda a: a.astype(dtype),
+                           init_variables(model, jax.random.key(config.train.seed)))
+  model = dataclasses.replace(model, dtype="float64" if config.float64 else "float32")
+  rmse, train_rmse, refine_change = {}, {}, {}
+  for g in config.grids:
+    if g != model.grid_size:
+      before = model.apply(variables, x_train)
+      model, variables = refine(model, variables, x_train, grid_size=g)
+      refine_change[g] = float(jnp.sqrt(jnp.mean(jnp.square(model.apply(variables, x_train)
+                                                            - before))))
+    variables, losses = fit(model, variables, x_train, y_train, config.train.steps,
+                            update_grid_every=config.update_grid_every,
+                            update_grid_until=config.update_grid_until)
+    train_rmse[g] = float(jnp.sqrt(losses[-1]))
+    rmse[g] = float(jnp.sqrt(mse(model, variables, x_test, y_test)))
+    mlog.log_progress(f"grid {g}: train RMSE {train_rmse[g]:.3e}, test RMSE {rmse[g]:.3e}")
+  summary = {"exp": "kan", "function": config.function, "widths": list(config.widths),
+             "rmse_by_grid": rmse, "train_rmse_by_grid": train_rmse,
+             "refine_rmse_change": refine_change, "scaling_slope": _slope(rmse),
+             "wall_s": time.time() - t_start, "config": flatten(config)}
+  plot = _plot(rmse, train_rmse, os.path.join(workdir, "kan_grid_extension.png"))
+  if plot:
+    summary["figures"] = [os.path.basename(plot)]
+  mlog.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _plot(rmse: dict, train_rmse: dict, path: str) -> str | None:
+  try:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError:
+    return None
+  if jax.process_index() != 0:
+    return None
+  fig, ax = plt.subplots(figsize=(5, 4))
+  grids = list(rmse)
+  ax.loglog(grids, [train_rmse[g] for g in grids], "o-", label="train")
+  ax.loglog(grids, [rmse[g] for g in grids], "s-", label="test")
+  ref = rmse[grids[0]] * (np.array(grids, float) / grids[0]) ** -4.0
+  ax.loglog(grids, ref, "k--", alpha=0.4, label="G^-4")
+  ax.set_xlabel("grid size G")
+  ax.set_ylabel("RMSE")
+  ax.legend()
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -1,0 +1,93 @@
+"""A Kolmogorov-Arnold layer (Liu et al. 2024, arXiv 2404.19756) over jaxtricks.ops.kan.
+
+Parameters: `coef` (I, O, J) spline coefficients, `w_base` and `w_spline` (I, O). The B-spline
+knots live in the `grid` collection (`knots`, (I, G + 2k + 1)) so that grid updates can move them
+without the optimizer seeing them; a model applied with `params` only uses the uniform grid of
+its config, which is also what `init` creates.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtricks.layers.dtypes import resolve_dtype
+from jaxtricks.ops import kan
+
+BASES = ("bspline", "rbf", "chebyshev")
+INITS = ("pykan", "efficient")
+
+
+def n_basis(basis: str, grid_size: int, order: int) -> int:
+  return {"bspline": grid_size + order, "rbf": grid_size, "chebyshev": grid_size + 1}[basis]
+
+
+class KANLayer(nn.Module):
+  """y_o = sum_i w_b[i, o] silu(x_i) + w_s[i, o] sum_j c[i, o, j] b_j(x_i).
+
+  init_style "pykan": coefficients of small noise (noise_scale / G), w_b = mu / sqrt(I) +
+  sigma U[-1, 1] / sqrt(I), w_s = 1 / sqrt(I) (pykan's defaults). init 'efficient': w_b and w_s
+  Kaiming-uniform (bound 1 / sqrt(I)), as efficient-kan, whose authors report it trains deep
+  networks far better.
+  """
+  features: int
+  grid_size: int = 5
+  order: int = 3
+  grid_range: tuple[float, float] = (-1.0, 1.0)
+  basis: str = "bspline"
+  init_style: str = "pykan"
+  noise_scale: float = 0.1
+  base_mu: float = 0.0
+  base_sigma: float = 1.0
+  axes: tuple[str, str] = ("kan_in", "kan_out")
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def knots(self, n_in: int) -> jnp.ndarray:
+    uniform = lambda: kan.uniform_grid(n_in, self.grid_size, self.order, *self.grid_range,
+                                       dtype=resolve_dtype(self.param_dtype))
+    if self.is_mutable_collection("grid") or self.has_variable("grid", "knots"):
+      return self.variable("grid", "knots", uniform).value
+    return uniform()
+
+  def bases(self, x_NxI: jnp.ndarray) -> jnp.ndarray:
+    lo, hi = self.grid_range
+    if self.basis == "bspline":
+      return kan.bspline_basis(x_NxI, self.knots(x_NxI.shape[-1]), self.order)
+    if self.basis == "rbf":
+      centres = jnp.linspace(lo, hi, self.grid_size, dtype=x_NxI.dtype)
+      return kan.rbf_basis(x_NxI, centres, (hi - lo) / max(self.grid_size - 1, 1))
+    return kan.chebyshev_basis(x_NxI, self.grid_size)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, return_edges: bool = False):
+    """(..., I) -> (..., O); with return_edges also phi (N, O, I) for the flattened rows."""
+    if self.basis not in BASES or self.init_style not in INITS:
+      raise ValueError(f"KANLayer: basis must be one of {BASES} and init one of {INITS}, got "
+                       f"{self.basis!r} and {self.init_style!r}")
+    n_in, dtype, pdtype = x.shape[-1], resolve_dtype(self.dtype), resolve_dtype(self.param_dtype)
+    j = n_basis(self.basis, self.grid_size, self.order)
+    bound = n_in ** -0.5
+    uniform = lambda lo, hi: lambda key, shape, dt: jax.random.uniform(key, shape, dt, lo, hi)
+    noise = self.noise_scale / self.grid_size
+    coef = self.param("coef", nn.with_logical_partitioning(
+        uniform(-noise / 2, noise / 2), (self.axes[0], self.axes[1], None)),
+        (n_in, self.features, j), pdtype)
+    if self.init_style == "pykan":
+      base_init = lambda key, shape, dt: (self.base_mu * bound + self.base_sigma * bound
+                                          * jax.random.uniform(key, shape, dt, -1.0, 1.0))
+      spline_init = lambda key, shape, dt: jnp.full(shape, bound, dt)
+    else:
+      base_init = spline_init = uniform(-bound, bound)
+    w_base = self.param("w_base", nn.with_logical_partitioning(base_init, self.axes),
+                        (n_in, self.features), pdtype)
+    w_spline = self.param("w_spline", nn.with_logical_partitioning(spline_init, self.axes),
+                          (n_in, self.features), pdtype)
+    lead = x.shape[:-1]
+    x_NxI = x.reshape(-1, n_in).astype(dtype)
+    basis_NxIxJ = self.bases(x_NxI)
+    args = (x_NxI, basis_NxIxJ, coef.astype(dtype), w_base.astype(dtype), w_spline.astype(dtype))
+    y_NxO = kan.kan_matmul(*args)
+    y = y_NxO.reshape(*lead, self.features)
+    return (y, kan.kan_edges(*args)) if return_edges else y

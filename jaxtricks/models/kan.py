@@ -1,0 +1,135 @@
+"""KAN networks for function fitting (Liu et al. 2024, arXiv 2404.19756): a stack of KANLayers of
+widths like [2, 5, 1], grid updates and grid extension that keep the learned function, and
+full-batch L-BFGS or Adam training.
+
+Variables are {'params': ..., 'grid': {'layer_l': {'knots': (I, G + 2k + 1)}}}. Grid extension
+changes parameter shapes: `refine` returns a new module (another grid_size) with new variables,
+and the next `fit` compiles once for the new shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtricks.layers.kan import KANLayer
+from jaxtricks.ops import kan
+
+
+class KAN(nn.Module):
+  widths: tuple[int, ...]
+  grid_size: int = 5
+  order: int = 3
+  grid_range: tuple[float, float] = (-1.0, 1.0)
+  basis: str = "bspline"
+  init_style: str = "pykan"
+  noise_scale: float = 0.1
+  base_mu: float = 0.0
+  base_sigma: float = 1.0
+  dtype: str = "float32"       # 'float64' with jax_enable_x64 for function fitting to 1e-5
+
+  def layer_kwargs(self) -> dict:
+    return dict(grid_size=self.grid_size, order=self.order, grid_range=self.grid_range,
+                basis=self.basis, init_style=self.init_style, noise_scale=self.noise_scale,
+                base_mu=self.base_mu, base_sigma=self.base_sigma, dtype=self.dtype,
+                param_dtype=self.dtype)
+
+  @nn.compact
+  def __call__(self, x_NxI: jnp.ndarray, return_edges: bool = False):
+    """(N, widths[0]) -> (N, widths[-1]); with return_edges also, per layer, its input and phi
+    (N, O, I)."""
+    if x_NxI.shape[-1] != self.widths[0]:
+      raise ValueError(f"KAN{list(self.widths)} takes {self.widths[0]} inputs, got "
+                       f"{x_NxI.shape[-1]}")
+    inputs, edges = [], []
+    for layer, width in enumerate(self.widths[1:]):
+      inputs.append(x_NxI)
+      out = KANLayer(width, name=f"layer_{layer}", **self.layer_kwargs())(x_NxI, return_edges)
+      x_NxI, phi = out if return_edges else (out, None)
+      edges.append(phi)
+    return (x_NxI, inputs, edges) if return_edges else x_NxI
+
+
+def init_variables(model: KAN, rng: jax.Array) -> dict:
+  return nn.unbox(model.init(rng, jnp.zeros((1, model.widths[0]), model.dtype)))
+
+
+def refine(model: KAN, variables: dict, x_NxI: jnp.ndarray, grid_size: int | None = None,
+           grid_eps: float = 0.02, ridge: float = 1e-8) -> tuple[KAN, dict]:
+  """Grid update (same G) or extension (G -> grid_size): per layer, knots from the samples'
+  activations at that layer, and spline coefficients refitted by least squares to the old
+  splines at those samples, so the network's function is kept (up to the fit error)."""
+  if model.basis != "bspline":
+    raise ValueError(f"grid updates need the B-spline basis, this KAN uses {model.basis!r}")
+  new_model = dataclasses.replace(model, grid_size=grid_size or model.grid_size)
+  _, inputs, _ = model.apply(variables, x_NxI, return_edges=True)
+  params = jax.tree.map(lambda x: x, variables["params"])
+  grids = jax.tree.map(lambda x: x, variables["grid"])
+  for layer, x_in in enumerate(inputs):
+    name = f"layer_{layer}"
+    p, old = params[name], grids[name]["knots"]
+    values = kan.spline_values(x_in, old, p["coef"], model.order)
+    new = kan.grid_from_samples(x_in, new_model.grid_size, model.order, grid_eps)
+    params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
+    grids[name] = {"knots": new}
+  return new_model, {"params": params, "grid": grids}
+
+
+def mse(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray) -> jnp.ndarray:
+  return jnp.mean(jnp.square(model.apply(variables, x_NxI) - y_NxO))
+
+
+def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, steps: int,
+        optimizer: str = "lbfgs", lr: float = 1e-2, reg: Any = None,
+        update_grid_every: int = 0, update_grid_until: int = 0) -> tuple[dict, jnp.ndarray]:
+  """Full-batch training: `steps` L-BFGS iterations (optax, zoom line search, history 10) or
+  Adam steps; returns the variables and the loss per step. reg(params) -> scalar is added to the
+  MSE when given. With update_grid_every = u > 0 the knots follow the layer inputs (`refine` at
+  the same G) every u steps until step update_grid_until, as pykan's fit does (5 and 50); the
+  optimizer restarts after each update. Compiled once per (model, chunk length, optimizer)."""
+  if optimizer not in ("lbfgs", "adam"):
+    raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+  losses, done = [], 0
+  while done < steps:
+    chunk = steps - done
+    if update_grid_every > 0 and done < update_grid_until and model.basis == "bspline":
+      chunk = min(update_grid_every, chunk)
+    run = _runner(model, chunk, optimizer, float(lr), reg)
+    params, part = run(variables["params"], variables["grid"], x_NxI, y_NxO)
+    variables = {"params": params, "grid": variables["grid"]}
+    losses.append(part)
+    done += chunk
+    if chunk == update_grid_every and done < min(update_grid_until, steps):
+      _, variables = refine(model, variables, x_NxI)
+  return variables, jnp.concatenate(losses)
+
+
+@functools.lru_cache(maxsize=64)
+def _runner(model: KAN, steps: int, optimizer: str, lr: float, reg: Any):
+  tx = optax.lbfgs(memory_size=10) if optimizer == "lbfgs" else optax.adam(lr)
+
+  @jax.jit
+  def run(params, grid, x_NxI, y_NxO):
+    def loss(params):
+      value = mse(model, {"params": params, "grid": grid}, x_NxI, y_NxO)
+      return value if reg is None else value + reg(params)
+
+    def step(carry, _):
+      params, state = carry
+      if optimizer == "lbfgs":  # reuses the line search's last evaluation
+        value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
+        updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+      else:
+        value, grad = jax.value_and_grad(loss)(params)
+        updates, state = tx.update(grad, state, params)
+      return (optax.apply_updates(params, updates), state), value
+
+    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+    return params, losses
+  return run

@@ -1,0 +1,110 @@
+"""KAN layer and network: both forms agree, grid updates and extension keep the function, the
+least-squares refit never returns NaN, and full-batch training fits a smooth function."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtricks.layers.kan import KANLayer, n_basis
+from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
+from jaxtricks.ops import kan
+
+RNG = np.random.default_rng(0)
+X = jnp.asarray(RNG.uniform(-1, 1, (256, 2)), jnp.float32)
+Y = jnp.exp(jnp.sin(jnp.pi * X[:, :1]) + X[:, 1:] ** 2)
+
+
+@pytest.mark.parametrize("basis", ["bspline", "rbf", "chebyshev"])
+@pytest.mark.parametrize("init_style", ["pykan", "efficient"])
+def test_layer_outputs_equal_the_sum_of_its_edges(basis, init_style):
+  layer = KANLayer(3, grid_size=4, basis=basis, init_style=init_style)
+  x = jnp.asarray(RNG.uniform(-1, 1, (5, 7, 2)), jnp.float32)
+  variables = nn.unbox(layer.init(jax.random.key(0), x))
+  y, phi = layer.apply(variables, x, return_edges=True)
+  assert y.shape == (5, 7, 3) and phi.shape == (35, 3, 2)
+  np.testing.assert_allclose(phi.sum(-1).reshape(5, 7, 3), y, rtol=1e-5, atol=1e-6)
+  p = variables["params"]
+  j = n_basis(basis, 4, 3)
+  assert p["coef"].shape == (2, 3, j) and p["w_base"].shape == p["w_spline"].shape == (2, 3)
+  if basis == "bspline":  # the knots sit in their own collection, uniform at init
+    np.testing.assert_allclose(variables["grid"]["knots"], kan.uniform_grid(2, 4, 3), atol=1e-6)
+    params_only = layer.apply({"params": p}, x)
+    np.testing.assert_allclose(params_only, y, rtol=1e-6)
+
+
+def test_bad_layer_options_are_refused():
+  with pytest.raises(ValueError, match="basis must be one of"):
+    KANLayer(2, basis="fourier").init(jax.random.key(0), jnp.zeros((1, 2)))
+  with pytest.raises(ValueError, match=r"KAN\[2, 1\] takes 2 inputs, got 3"):
+    KAN((2, 1)).init(jax.random.key(0), jnp.zeros((1, 3)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+  model = KAN((2, 1, 1), grid_size=3)
+  variables = init_variables(model, jax.random.key(0))
+  variables, losses = fit(model, variables, X, Y, 60)
+  return model, variables, losses
+
+
+def test_lbfgs_fits_the_function(trained):
+  _, _, losses = trained
+  assert losses.shape == (60,)
+  assert float(losses[-1]) < 0.05 * float(losses[0])
+
+
+def test_adam_lowers_the_loss():
+  model = KAN((2, 2, 1), grid_size=3, init_style="efficient")
+  variables = init_variables(model, jax.random.key(1))
+  _, losses = fit(model, variables, X, Y, 40, optimizer="adam", lr=3e-2)
+  assert float(losses[-1]) < 0.5 * float(losses[0])
+
+
+@pytest.mark.parametrize("grid_size", [3, 10])
+def test_grid_update_and_extension_keep_the_function(trained, grid_size):
+  model, variables, _ = trained
+  new_model, new_vars = refine(model, variables, X, grid_size=grid_size)
+  assert new_model.grid_size == grid_size
+  assert new_vars["params"]["layer_0"]["coef"].shape == (2, 1, grid_size + 3)
+  assert new_vars["grid"]["layer_1"]["knots"].shape == (1, grid_size + 7)
+  before = model.apply(variables, X)
+  after = new_model.apply(new_vars, X)
+  # The refit is least squares on the samples; going finer it is nearly exact.
+  tol = 5e-2 if grid_size == 3 else 5e-3
+  assert float(jnp.sqrt(jnp.mean(jnp.square(after - before)))) < tol
+  assert float(mse(new_model, new_vars, X, Y)) < float(mse(model, variables, X, Y)) + tol ** 2
+
+
+@pytest.mark.parametrize("case", ["repeated values", "one sample per interval", "outliers",
+                                  "all equal"])
+def test_refit_never_returns_nan(trained, case):
+  model, variables, _ = trained
+  x = {"repeated values": jnp.repeat(X[:8], 32, axis=0),
+       "one sample per interval": X[:4],
+       "outliers": X.at[:3].set(jnp.asarray([[1e4, -1e4], [-1e3, 5e3], [0.0, 1e5]])),
+       "all equal": jnp.zeros((64, 2))}[case]
+  new_model, new_vars = refine(model, variables, x, grid_size=5)
+  for leaf in jax.tree.leaves(new_vars):
+    assert bool(jnp.all(jnp.isfinite(leaf))), case
+  assert bool(jnp.all(jnp.isfinite(new_model.apply(new_vars, X))))
+
+
+def test_least_squares_against_numpy_and_rank_deficient():
+  a = RNG.normal(size=(3, 40, 6))
+  y = RNG.normal(size=(3, 40, 2))
+  c = kan.solve_least_squares(jnp.asarray(a), jnp.asarray(y), ridge=0.0)
+  for b in range(3):
+    ref = np.linalg.lstsq(a[b], y[b], rcond=None)[0]
+    np.testing.assert_allclose(c[b], ref, rtol=1e-3, atol=1e-4)
+  singular = jnp.zeros((1, 10, 4))
+  assert bool(jnp.all(jnp.isfinite(kan.solve_least_squares(singular, jnp.ones((1, 10, 1))))))
+
+
+def test_refine_needs_bsplines(trained):
+  model, variables, _ = trained
+  with pytest.raises(ValueError, match="grid updates need the B-spline basis"):
+    refine(dataclasses.replace(model, basis="rbf"), variables, X)
