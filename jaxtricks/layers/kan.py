@@ -91,3 +91,26 @@ class KANLayer(nn.Module):
     y_NxO = kan.kan_matmul(*args)
     y = y_NxO.reshape(*lead, self.features)
     return (y, kan.kan_edges(*args)) if return_edges else y
+
+
+class KANFeedForward(nn.Module):
+  """A Transformer feed-forward block of two KAN layers, d -> hidden -> d (the KAN paper's
+  suggestion of KANs in place of MLPs). Inputs are RMS-normalised (unit scale), so the knots
+  span [-grid_range, grid_range]; the output is scaled by 1/sqrt(2 L) like other residual
+  branches. Each KAN layer costs about (G + k + 2) times a dense layer of the same shape."""
+  hidden: int
+  grid_size: int = 5
+  order: int = 3
+  grid_range: float = 3.0
+  n_layers: int = 1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+    kw = dict(grid_size=self.grid_size, order=self.order, init_style="efficient",
+              grid_range=(-self.grid_range, self.grid_range), dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    h_BxTxF = KANLayer(self.hidden, axes=("embed", "mlp"), name="up", **kw)(x_BxTxD)
+    y_BxTxD = KANLayer(x_BxTxD.shape[-1], axes=("mlp", "embed"), name="down", **kw)(h_BxTxF)
+    return y_BxTxD * (2 * self.n_layers) ** -0.5

@@ -18,6 +18,7 @@ from jaxtricks.errors import ConfigError
 from jaxtricks.layers.attention import SelfAttention
 from jaxtricks.layers.dtypes import DTYPES
 from jaxtricks.layers.embed import Embed, LinearHead
+from jaxtricks.layers.kan import KANFeedForward
 from jaxtricks.layers.linear import Linear
 from jaxtricks.layers.mlp import SwiGLU
 from jaxtricks.layers.mtp import ResidualLinearHead
@@ -44,7 +45,10 @@ class ModelConfig:
   kv_layout: tuple[int, ...] = ()  # explicit kv_source per layer (wins over kv_sharing)
   attention: str = "mha"
   attn_impl: str = "naive"     # naive | xla | cudnn (jax.nn.dot_product_attention)
-  mlp: str = "swiglu"
+  mlp: str = "swiglu"           # swiglu | kan (two KAN layers, d -> d_ff or d_model -> d)
+  kan_grid: int = 5            # mlp='kan': B-spline intervals, order and knot range
+  kan_order: int = 3
+  kan_range: float = 3.0
   head: str = "linear"
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
@@ -143,6 +147,13 @@ def _mha(cfg: ModelConfig, layer: int, produces_kv: bool) -> nn.Module:
 def _swiglu(cfg: ModelConfig, layer: int) -> nn.Module:
   return SwiGLU(cfg.ff_dim, n_layers=cfg.n_layers, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 name="mlp")
+
+
+@registry.register(registry.MLP, "kan")
+def _kan_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
+  return KANFeedForward(cfg.d_ff or cfg.d_model, cfg.kan_grid, cfg.kan_order, cfg.kan_range,
+                        n_layers=cfg.n_layers, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                        name="mlp")
 
 
 @registry.register(registry.HEAD, "linear")

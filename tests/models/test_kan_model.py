@@ -11,7 +11,9 @@ import pytest
 
 from jaxtricks.layers.kan import KANLayer, n_basis
 from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
+from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops import kan
+from jaxtricks.train.losses import LOSSES
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.uniform(-1, 1, (256, 2)), jnp.float32)
@@ -108,3 +110,18 @@ def test_refine_needs_bsplines(trained):
   model, variables, _ = trained
   with pytest.raises(ValueError, match="grid updates need the B-spline basis"):
     refine(dataclasses.replace(model, basis="rbf"), variables, X)
+
+
+def test_kan_feed_forward_in_the_transformer_trains():
+  cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, mlp="kan", kan_grid=4)
+  model = Transformer(cfg)
+  tokens = jnp.asarray(RNG.integers(0, 32, (4, 17)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+  assert params["block_0"]["mlp"]["up"]["coef"].shape == (32, 32, 4 + 3)
+  loss = jax.jit(jax.value_and_grad(lambda p: LOSSES["lm"](model, p, batch, None)[0]))
+  first, _ = loss(params)
+  for _ in range(10):
+    value, grads = loss(params)
+    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+  assert bool(jnp.isfinite(value)) and float(loss(params)[0]) < float(first)
