@@ -3,7 +3,8 @@
 Parameters: `coef` (I, O, J) spline coefficients, `w_base` and `w_spline` (I, O). The B-spline
 knots live in the `grid` collection (`knots`, (I, G + 2k + 1)) so that grid updates can move them
 without the optimizer seeing them; a model applied with `params` only uses the uniform grid of
-its config, which is also what `init` creates.
+its config, which is also what `init` creates. An optional `mask` (I, O) in the same collection
+switches pruned edges off.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class KANLayer(nn.Module):
                         (n_in, self.features), pdtype)
     w_spline = self.param("w_spline", nn.with_logical_partitioning(spline_init, self.axes),
                           (n_in, self.features), pdtype)
+    if self.has_variable("grid", "mask"):  # pruned edges (models.kan_prune.prune_edges)
+      mask = self.get_variable("grid", "mask").astype(w_base.dtype)
+      w_base, w_spline = w_base * mask, w_spline * mask
     lead = x.shape[:-1]
     x_NxI = x.reshape(-1, n_in).astype(dtype)
     basis_NxIxJ = self.bases(x_NxI)

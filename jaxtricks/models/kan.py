@@ -77,7 +77,7 @@ def refine(model: KAN, variables: dict, x_NxI: jnp.ndarray, grid_size: int | Non
     values = kan.spline_values(x_in, old, p["coef"], model.order)
     new = kan.grid_from_samples(x_in, new_model.grid_size, model.order, grid_eps)
     params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
-    grids[name] = {"knots": new}
+    grids[name] = dict(grids[name], knots=new)  # a pruning mask stays
   return new_model, {"params": params, "grid": grids}
 
 
@@ -89,10 +89,13 @@ def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, ste
         optimizer: str = "lbfgs", lr: float = 1e-2, reg: Any = None,
         update_grid_every: int = 0, update_grid_until: int = 0) -> tuple[dict, jnp.ndarray]:
   """Full-batch training: `steps` L-BFGS iterations (optax, zoom line search, history 10) or
-  Adam steps; returns the variables and the loss per step. reg(params) -> scalar is added to the
-  MSE when given. With update_grid_every = u > 0 the knots follow the layer inputs (`refine` at
-  the same G) every u steps until step update_grid_until, as pykan's fit does (5 and 50); the
-  optimizer restarts after each update. Compiled once per (model, chunk length, optimizer)."""
+  Adam steps; returns the variables and the loss per step.
+
+  reg(params, grid, x) -> scalar (e.g. `kan_prune.Regularizer`, hashable) is added to the MSE
+  when given. With update_grid_every = u > 0 the knots follow the layer inputs (`refine` at the
+  same G) every u steps until step update_grid_until, as pykan's fit does (5 and 50); the
+  optimizer restarts after each update. Compiled once per (model, chunk length, optimizer).
+  """
   if optimizer not in ("lbfgs", "adam"):
     raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
   losses, done = [], 0
@@ -118,7 +121,7 @@ def _runner(model: KAN, steps: int, optimizer: str, lr: float, reg: Any):
   def run(params, grid, x_NxI, y_NxO):
     def loss(params):
       value = mse(model, {"params": params, "grid": grid}, x_NxI, y_NxO)
-      return value if reg is None else value + reg(params)
+      return value if reg is None else value + reg(params, grid, x_NxI)
 
     def step(carry, _):
       params, state = carry

@@ -11,6 +11,7 @@ import pytest
 
 from jaxtricks.layers.kan import KANLayer, n_basis
 from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
+from jaxtricks.models.kan_prune import Regularizer, attribution, edge_l1, prune, prune_edges
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops import kan
 from jaxtricks.train.losses import LOSSES
@@ -125,3 +126,54 @@ def test_kan_feed_forward_in_the_transformer_trains():
     value, grads = loss(params)
     params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
   assert bool(jnp.isfinite(value)) and float(loss(params)[0]) < float(first)
+
+
+def _with_dead_hidden_nodes(model, variables, dead):
+  """Zeroes every edge into and out of the given hidden nodes of a [2, H, 1] KAN."""
+  p = jax.tree.map(lambda a: a, variables["params"])
+  for key in ("w_base", "w_spline"):
+    p["layer_0"][key] = p["layer_0"][key].at[:, dead].set(0.0)
+    p["layer_1"][key] = p["layer_1"][key].at[dead, :].set(0.0)
+  return {"params": p, "grid": variables["grid"]}
+
+
+def test_prune_removes_dead_nodes_and_keeps_the_function():
+  model = KAN((2, 5, 1), grid_size=4)
+  variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
+  small, small_vars, kept = prune(model, variables, X)
+  assert small.widths == (2, 2, 1) and kept[1] == [0, 2]
+  np.testing.assert_allclose(small.apply(small_vars, X), model.apply(variables, X), rtol=1e-5,
+                             atol=1e-6)
+  one_input, vars_1, _ = prune(model, variables, X, keep_inputs=[0])
+  assert one_input.widths[0] == 1 and vars_1["grid"]["layer_0"]["knots"].shape[0] == 1
+
+
+def test_regularisation_and_attribution():
+  model = KAN((2, 5, 1), grid_size=4)
+  variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
+  for form in ("sample", "coef"):
+    reg = Regularizer(model, lamb=1.0, form=form)
+    value = reg(variables["params"], variables["grid"], X)
+    grads = jax.grad(reg)(variables["params"], variables["grid"], X)
+    assert float(value) > 0 and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  nodes, edges = attribution(model, variables, X)
+  assert [len(s) for s in nodes] == [2, 5, 1] and edges[0].shape == (5, 2)
+  assert np.all(nodes[1][[1, 3, 4]] < 1e-6) and np.all(nodes[1][[0, 2]] > 1e-3)
+  # Regularised training shrinks the edges' total magnitude.
+  l1 = lambda v: float(sum(jnp.sum(a) for a in edge_l1(model, v, X)))
+  trained, _ = fit(model, variables, X, Y, 30, optimizer="adam", lr=1e-2,
+                   reg=Regularizer(model, lamb=1.0, form="coef"))
+  plain, _ = fit(model, variables, X, Y, 30, optimizer="adam", lr=1e-2)
+  assert l1(trained) < l1(plain)
+
+
+def test_prune_edges_masks_small_edges_for_good():
+  model = KAN((2, 5, 1), grid_size=4)
+  variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
+  masked = prune_edges(model, variables, X, edge_threshold=1e-6)  # only the dead edges
+  assert masked["grid"]["layer_0"]["mask"].shape == (2, 5)
+  assert float(masked["grid"]["layer_0"]["mask"][:, 1].sum()) == 0.0
+  np.testing.assert_allclose(model.apply(masked, X), model.apply(variables, X), atol=1e-6)
+  trained, _ = fit(model, masked, X, Y, 5, optimizer="adam", lr=1e-1)
+  _, edges = attribution(model, trained, X)
+  assert np.all(edges[0][1] == 0.0)  # a masked edge stays off through training
