@@ -14,8 +14,9 @@ summary.json: rmse_by_grid {G: test RMSE}, train_rmse_by_grid, refine_rmse_chang
 between the outputs before and after extending to G}, scaling_slope (log-log slope of test RMSE
 over G = 5..50); kan_grid_extension.png. The model/data/mesh sections of the config are unused;
 train.steps and train.seed are the L-BFGS steps per grid and the seed.
-Not yet here: the hellokan pipeline (regularise, prune, symbolic formula) and the special-function
-presets.
+Then pykan's hellokan pipeline on the same data: a [2, 5, 1] KAN with the sparsity regulariser,
+pruned, refined, its edges replaced by formulas from {x, x^2, exp, sin}: summary keys
+pruned_widths, symbolic_formula, symbolic_rmse. Not yet here: the special-function presets.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import numpy as np
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.errors import ConfigError
+from jaxtricks.models import kan_symbolic as sym
 from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
+from jaxtricks.models.kan_prune import Regularizer, prune
 from jaxtricks.train.config import TrainConfig
 
 PRESETS = ("smoke", "default", "full")
@@ -50,6 +53,11 @@ class KanConfig(Config):
   update_grid_every: int = 5
   update_grid_until: int = 50
   float64: bool = True
+  hellokan: bool = True                  # then the pipeline: regularise, prune, symbolic
+  hello_widths: tuple[int, ...] = (2, 5, 1)
+  hello_lamb: float = 1e-2
+  hello_steps: int = 50                  # L-BFGS steps per stage
+  hello_library: tuple[str, ...] = ("x", "x^2", "exp", "sin")
 
   def validate(self) -> KanConfig:
     if self.function not in FUNCTIONS:
@@ -66,7 +74,8 @@ class KanConfig(Config):
 
 def get_config(preset: str) -> KanConfig:
   if preset == "smoke":
-    return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=TrainConfig(steps=20))
+    return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=TrainConfig(steps=20),
+                     hello_steps=10)
   return KanConfig(train=TrainConfig(steps=200))
 
 
@@ -112,13 +121,49 @@ def run(config: KanConfig, workdir: str) -> dict:
     mlog.log_progress(f"grid {g}: train RMSE {train_rmse[g]:.3e}, test RMSE {rmse[g]:.3e}")
   summary = {"exp": "kan", "function": config.function, "widths": list(config.widths),
              "rmse_by_grid": rmse, "train_rmse_by_grid": train_rmse,
-             "refine_rmse_change": refine_change, "scaling_slope": _slope(rmse),
-             "wall_s": time.time() - t_start, "config": flatten(config)}
+             "refine_rmse_change": refine_change, "scaling_slope": _slope(rmse)}
+  if config.hellokan:
+    summary.update(hellokan(config, x_train, y_train, x_test, y_test, dtype))
+  summary.update(wall_s=time.time() - t_start, config=flatten(config))
   plot = _plot(rmse, train_rmse, os.path.join(workdir, "kan_grid_extension.png"))
   if plot:
     summary["figures"] = [os.path.basename(plot)]
   mlog.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def hellokan(config: KanConfig, x_train, y_train, x_test, y_test, dtype) -> dict:
+  """pykan's hellokan: a [2, 5, 1] KAN trained with the sparsity regulariser, pruned, trained
+  again, refined to G = 10, its edges replaced by library formulas and their affine parameters
+  refitted; the formula and its test RMSE."""
+  model = KAN(tuple(config.hello_widths), grid_size=3, order=config.order)
+  variables = jax.tree.map(lambda a: a.astype(dtype),
+                           init_variables(model, jax.random.key(config.train.seed)))
+  model = dataclasses.replace(model, dtype="float64" if config.float64 else "float32")
+  steps = config.hello_steps
+  grid_kw = dict(update_grid_every=config.update_grid_every,
+                 update_grid_until=config.update_grid_until)
+  variables, _ = fit(model, variables, x_train, y_train, steps,
+                     reg=Regularizer(model, lamb=config.hello_lamb), **grid_kw)
+  model, variables, kept = prune(model, variables, x_train)
+  variables, _ = fit(model, variables, x_train, y_train, steps, **grid_kw)
+  model, variables = refine(model, variables, x_train, grid_size=10)
+  variables, _ = fit(model, variables, x_train, y_train, steps)
+  kan_rmse = float(jnp.sqrt(mse(model, variables, x_test, y_test)))
+  fits = sym.auto_symbolic(model, variables, x_train[:200], names=config.hello_library)
+  fits, _ = sym.fit_affine(fits, np.asarray(x_train), np.asarray(y_train), steps=4 * steps)
+  sym_rmse = float(np.sqrt(np.mean((sym.evaluate(fits, np.asarray(x_test))
+                                    - np.asarray(y_test)) ** 2)))
+  out = {"pruned_widths": list(model.widths), "pruned_kept_nodes": kept,
+         "pruned_kan_rmse": kan_rmse, "symbolic_rmse": sym_rmse,
+         "symbolic_edges": [[[e.name for e in row] for row in layer] for layer in fits]}
+  try:
+    out["symbolic_formula"] = str(sym.formula(fits, variables=("x", "y"))[0])
+  except ImportError:
+    out["symbolic_formula"] = None  # the `symbolic` extra (sympy) is not installed
+  mlog.log_progress(f"hellokan: pruned to {out['pruned_widths']}, KAN test RMSE {kan_rmse:.2e}, "
+                    f"symbolic {out['symbolic_formula']} test RMSE {sym_rmse:.2e}")
+  return out
 
 
 def _plot(rmse: dict, train_rmse: dict, path: str) -> str | None:

@@ -17,6 +17,10 @@ def test_kan_smoke_grid_extension(tmp_path):
   assert rmse[5] < rmse[3]  # a finer grid fits better
   assert summary["refine_rmse_change"]["5"] < 0.05  # extension kept the function (values 1..7)
   assert summary["figures"] == ["kan_grid_extension.png"]
+  # hellokan: trained, pruned (never below one hidden node), formula and its error reported
+  assert summary["pruned_widths"][0] == 2 and summary["pruned_widths"][-1] == 1
+  assert 1 <= summary["pruned_widths"][1] <= 5
+  assert isinstance(summary["symbolic_formula"], str) and summary["symbolic_rmse"] > 0
   assert (workdir / "kan_grid_extension.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -6,8 +6,9 @@ Edge magnitude |phi|_1 = mean_n |phi(x_n)| over samples. Regularisation (eq. 2.1
     loss += lamb * (lamb_l1 * sum L1 + lamb_entropy * sum entropy);
 or the cheap coefficient form (efficient-kan), where |phi|_1 is replaced by
 |w_s| mean_j |c_j| + |w_b|, with no forward pass over samples.
-A hidden node is kept when its largest incoming and largest outgoing |phi|_1 both exceed
-`node_threshold` (1e-2 in the paper); `prune` returns a smaller network that computes the same
+A hidden node is kept when its attribution score exceeds `node_threshold` (pykan's current
+rule), or, with by='l1', when its largest incoming and largest outgoing |phi|_1 both exceed it
+(1e-2 in the paper); `prune` returns a smaller network that computes the same
 function on the kept paths. Attribution scores propagate importance back from the outputs
 (pykan's rule): score of edge (o, i) = score(o) * std(phi_oi) / (std(y_o) + eps), node score =
 sum of its outgoing edge scores.
@@ -95,18 +96,29 @@ def _slice_layer(p: dict, knots: jnp.ndarray, mask, keep_in: np.ndarray, keep_ou
 
 
 def prune(model: KAN, variables: dict, x_NxI: jnp.ndarray, node_threshold: float = 1e-2,
-          keep_inputs: list[int] | None = None) -> tuple[KAN, dict, list[list[int]]]:
-  """Removes hidden nodes whose largest incoming or largest outgoing |phi|_1 is below the
-  threshold (and inputs not in keep_inputs); returns the smaller model, its variables and the
-  kept node indices per layer."""
+          keep_inputs: list[int] | None = None, by: str = "attribution"
+          ) -> tuple[KAN, dict, list[list[int]]]:
+  """Removes hidden nodes below the threshold (and inputs not in keep_inputs); returns the
+  smaller model, its variables and the kept node indices per layer. by='attribution': a node's
+  attribution score (outputs score 1, so the threshold is relative, as pykan prunes today);
+  by='l1': the paper's rule, largest incoming and largest outgoing |phi|_1."""
+  if by not in ("attribution", "l1"):
+    raise ValueError(f"prune by 'attribution' or 'l1', got {by!r}")
   l1s = [np.asarray(a) for a in edge_l1(model, variables, x_NxI)]
   n = len(l1s)
+  scores = attribution(model, variables, x_NxI)[0] if by == "attribution" else None
   keep = [np.arange(model.widths[0]) if keep_inputs is None else np.asarray(sorted(keep_inputs))]
   for layer in range(1, n):
-    incoming = l1s[layer - 1].max(axis=1)  # node i of layer `layer` is output i of layer-1
-    outgoing = l1s[layer].max(axis=0)
-    kept = np.flatnonzero((incoming > node_threshold) & (outgoing > node_threshold))
-    keep.append(kept if len(kept) else np.array([int(np.argmax(incoming * outgoing))]))
+    if scores is not None:
+      ok = scores[layer] > node_threshold
+      rank = scores[layer]
+    else:
+      incoming = l1s[layer - 1].max(axis=1)  # node i of layer `layer` is output i of layer-1
+      outgoing = l1s[layer].max(axis=0)
+      ok = (incoming > node_threshold) & (outgoing > node_threshold)
+      rank = incoming * outgoing
+    kept = np.flatnonzero(ok)
+    keep.append(kept if len(kept) else np.array([int(np.argmax(rank))]))
   keep.append(np.arange(model.widths[-1]))
   params, grids = {}, {}
   for layer in range(n):
