@@ -23,9 +23,7 @@ contexts, larger batches).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from jaxtricks.decode import cache_bytes, init_cache  # noqa: E402
 from jaxtricks.models.transformer import ModelConfig, Transformer  # noqa: E402
 from jaxtricks.ops.attention import kv_bytes_per_token  # noqa: E402
@@ -148,14 +147,6 @@ def bench_point(cfg: ModelConfig, params: dict, context: int, batch: int, new_to
   }
 
 
-def machine_info() -> dict:
-  return {"platform": platform.platform(), "processor": platform.processor(),
-          "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "devices": jax.device_count(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "load_average_at_start": list(os.getloadavg())}
-
-
 def format_table(rows: list[dict]) -> str:
   head = (f"{'variant':<10}{'context':>8}{'KV B/tok':>10}{'cache MiB':>11}{'prefill tok/s':>15}"
           f"{'decode tok/s':>14}{'ms/step':>9}")
@@ -169,7 +160,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  machine = machine_info()
+  machine = common.machine_info()
   contexts = [int(c) for c in FLAGS.contexts]
   base = ModelConfig(vocab_size=256, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
                      n_heads=FLAGS.n_heads)
@@ -206,10 +197,7 @@ def main(argv: list[str]) -> None:
       "cache_bytes": "cache_bytes(init_cache(config, batch, context)): allocated K/V arrays",
       "results": rows,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {FLAGS.out}")
+  common.write_results(out, FLAGS.out)
 
 
 if __name__ == "__main__":

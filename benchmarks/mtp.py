@@ -16,9 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +27,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from experiments import mtp  # noqa: E402
+from experiments.mtp import timed  # noqa: E402
 from jaxtricks import sharding  # noqa: E402
 from jaxtricks.data.sources import held_out_prompts  # noqa: E402
 from jaxtricks.decode import generate, speculative_generate  # noqa: E402
@@ -104,16 +104,6 @@ def loss_memory() -> list[dict]:
   return rows
 
 
-def best_time(fn, repeats: int):
-  out = fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - t0)
-  return out, best
-
-
 def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
   config = mtp.get_config("default")
   result = train(config, workdir, exp="mtp")  # resumes a finished run at once
@@ -123,11 +113,11 @@ def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
   rows, greedy_s = [], {}
   for batch in (prompts, prompts[:1]):
     b = len(batch)
-    plain, t_plain = best_time(lambda batch=batch: generate(result.model, params, batch, n_new),
+    plain, t_plain = timed(lambda batch=batch: generate(result.model, params, batch, n_new),
                                repeats)
     greedy_s[b] = t_plain
     for k in range(1, config.model.mtp_heads + 1):
-      spec, t = best_time(lambda k=k, batch=batch: speculative_generate(
+      spec, t = timed(lambda k=k, batch=batch: speculative_generate(
           result.model, params, batch, n_new, n_heads=k), repeats)
       rows.append({"batch": b, "heads": k, "tokens_per_forward": spec.tokens_per_forward,
                    "acceptance_per_position": list(spec.acceptance_per_position),
@@ -161,15 +151,10 @@ def main(argv: list[str]) -> None:
           f"{r['ms_per_pass']:>8.3f} {r['greedy_ms_per_pass']:>14.3f} "
           f"{r['speedup_vs_greedy']:>7.2f}x {r['identical_to_greedy']!s:>9}  {acc}")
   out = {
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "jax": jax.__version__, "backend": jax.default_backend(),
-                  "devices": jax.device_count()},
+      "machine": common.machine_info(),
       "train_step": steps, "loss_memory": memory, "decoding": decode, "decoding_setup": info,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {FLAGS.out}")
+  common.write_results(out, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ halving for the causal mask.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from experiments import lm  # noqa: E402
 from jaxtricks import sharding  # noqa: E402
 from jaxtricks.config import Config  # noqa: E402
@@ -169,10 +168,7 @@ def main(argv: list[str]) -> None:
           f"{r['shaped_matmul_flops_per_s'] / 1e9:>8.1f}")
 
   out = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(), "devices": jax.device_count(),
-                  "xla_flags": os.environ.get("XLA_FLAGS", "")},
+      "machine": common.machine_info(),
       "matmul": {"n": n, "dtype": "float32", "peak_flops_per_s": peak,
                  "alone_reps": len(mm_times), "alone_flops_per_s_best": mm_flops / min(mm_times),
                  "alone_flops_per_s_median": mm_flops / statistics.median(mm_times)},
@@ -180,10 +176,7 @@ def main(argv: list[str]) -> None:
       "ratio": "model FLOP/s of the median step / peak (best reference matmul of the run)",
       "configs": results,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(out, f, indent=2)
-  print(f"wrote {FLAGS.out}")
+  common.write_results(out, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def _prompts(result: RunResult, config: MtpConfig) -> list[np.ndarray]:
   return held_out_prompts(result.source, config.spec_prompts, config.spec_prompt_len)
 
 
-def _timed(fn, repeats: int = 2):
+def timed(fn, repeats: int = 2):
+  """(the result, the best wall-clock seconds of `repeats` calls after a compiling call)."""
   out = fn()  # compiles
   best = float("inf")
   for _ in range(repeats):
@@ -103,8 +104,8 @@ def decoding(result: RunResult, config: MtpConfig) -> dict:
   prompts, n_new = _prompts(result, config), config.spec_new_tokens
 
   def measure(batch: list) -> dict:
-    plain, t_plain = _timed(lambda: generate(result.model, params, batch, n_new))
-    spec, t_spec = _timed(lambda: speculative_generate(result.model, params, batch, n_new))
+    plain, t_plain = timed(lambda: generate(result.model, params, batch, n_new))
+    spec, t_spec = timed(lambda: speculative_generate(result.model, params, batch, n_new))
     return {
         "tokens_per_forward": spec.tokens_per_forward,
         "acceptance_per_position": list(spec.acceptance_per_position),

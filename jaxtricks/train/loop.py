@@ -61,7 +61,10 @@ def check_resumable(workdir: str, config: Config) -> None:
     return
   with open(path) as f:
     saved = json.load(f).get("model", {})
-  current = json.loads(json.dumps(to_dict(config.model)))  # tuples -> lists, as saved
+  as_json = lambda obj: json.loads(json.dumps(to_dict(obj)))  # tuples -> lists, as saved
+  current, defaults = as_json(config.model), as_json(type(config.model)())
+  # A field added to the config since the checkpoint was written is fine at its default.
+  saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
   diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if diff:
     changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)

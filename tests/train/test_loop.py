@@ -126,3 +126,15 @@ def test_non_finite_loss_stops_with_a_clear_message(config, tmp_path):
   metrics = support.read_jsonl(tmp_path / "run" / "metrics.jsonl")
   assert all(np.isfinite(r["loss"]) for r in metrics)
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e30
+
+
+def test_fields_added_since_a_checkpoint_are_fine_at_their_defaults(tmp_path, config):
+  """A workdir written before a ModelConfig field existed still resumes while that field keeps
+  its default, and is refused once it does not."""
+  saved = json.loads(json.dumps(dataclasses.asdict(config)))
+  del saved["model"]["kan_grid"]  # as if written before the field existed
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  loop.check_resumable(str(tmp_path), config)
+  changed = dataclasses.replace(config, model=dataclasses.replace(config.model, kan_grid=7))
+  with pytest.raises(ConfigError, match="model.kan_grid: 5 -> 7"):
+    loop.check_resumable(str(tmp_path), changed)

@@ -1,0 +1,1 @@
+"""Benchmark scripts: `python benchmarks/NAME.py`; each prints a table and writes JSON."""
