@@ -1,12 +1,22 @@
-"""What every benchmark records: the machine it ran on, and its JSON written in one place."""
+"""What the benchmarks share: the machine they ran on, their JSON output, the train step."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
+
+from jaxtricks import sharding
+from jaxtricks.models.transformer import Transformer
+from jaxtricks.train import step as step_lib
+from jaxtricks.train.losses import LOSSES
+from jaxtricks.train.optimizer import lr_schedule, make_optimizer
+from jaxtricks.train.state import init_state, state_shardings
 
 
 def machine_info() -> dict:
@@ -22,3 +32,26 @@ def write_results(out: dict, path: str) -> None:
   with open(path, "w") as f:
     json.dump(out, f, indent=2)
   print(f"wrote {path}")
+
+
+def train_step_runner(config) -> tuple[Callable[[], dict], Any]:
+  """The jitted, sharded train step exactly as jaxtricks.train.loop builds it, on one fixed
+  random batch: (one() -> that step's metrics, advancing the state; the initial parameters)."""
+  tc = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  model = Transformer(config.model)
+  tx = make_optimizer(tc)
+  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
+  state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, LOSSES[tc.loss], lr_schedule(tc)), shardings, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.model.vocab_size, (tc.batch_size, tc.seq_len + 1), np.int32)
+  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
+                         sharding.batch_sharding(mesh))
+  box = {"state": state}
+
+  def one() -> dict:
+    box["state"], metrics = step(box["state"], batch)
+    return metrics
+  return one, state.params

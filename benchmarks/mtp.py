@@ -30,16 +30,10 @@ from absl import app, flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 from experiments import mtp  # noqa: E402
 from experiments.mtp import timed  # noqa: E402
-from jaxtricks import sharding  # noqa: E402
 from jaxtricks.data.sources import held_out_prompts  # noqa: E402
 from jaxtricks.decode import generate, speculative_generate  # noqa: E402
-from jaxtricks.models.transformer import Transformer  # noqa: E402
 from jaxtricks.ops.mtp import loss_temp_bytes  # noqa: E402
-from jaxtricks.train import step as step_lib  # noqa: E402
 from jaxtricks.train.loop import train  # noqa: E402
-from jaxtricks.train.losses import LOSSES  # noqa: E402
-from jaxtricks.train.optimizer import lr_schedule, make_optimizer  # noqa: E402
-from jaxtricks.train.state import init_state, state_shardings  # noqa: E402
 
 flags.DEFINE_string("out", "benchmarks/results/mtp.json", "JSON output path")
 flags.DEFINE_string("workdir", "runs/mtp", "workdir of the --exp=mtp default run to decode with")
@@ -49,24 +43,12 @@ FLAGS = flags.FLAGS
 
 
 def make_step(config):
-  """The jitted train step as jaxtricks.train.loop builds it, and a closure running one step."""
-  tc = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  model = Transformer(config.model)
-  tx = make_optimizer(tc)
-  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
-  state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
-  fn = step_lib.jit_train_step(
-      step_lib.make_train_step(model, tx, LOSSES[tc.loss], lr_schedule(tc)), shardings, mesh)
-  tokens = np.random.default_rng(0).integers(0, 256, (tc.batch_size, tc.seq_len + 1), np.int32)
-  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                         sharding.batch_sharding(mesh))
-  box = {"state": state}
+  """A closure running one train step (built as the loop builds it) and returning its seconds."""
+  step, _ = common.train_step_runner(config)
 
   def one() -> float:
     t0 = time.perf_counter()
-    box["state"], metrics = fn(box["state"], batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(step())
     return time.perf_counter() - t0
   return one
 

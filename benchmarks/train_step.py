@@ -36,14 +36,9 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from experiments import lm  # noqa: E402
-from jaxtricks import sharding  # noqa: E402
 from jaxtricks.config import Config  # noqa: E402
-from jaxtricks.models.transformer import ModelConfig, Transformer  # noqa: E402
-from jaxtricks.train import step as step_lib  # noqa: E402
+from jaxtricks.models.transformer import ModelConfig  # noqa: E402
 from jaxtricks.train.config import TrainConfig  # noqa: E402
-from jaxtricks.train.losses import LOSSES  # noqa: E402
-from jaxtricks.train.optimizer import lr_schedule, make_optimizer  # noqa: E402
-from jaxtricks.train.state import init_state, state_shardings  # noqa: E402
 
 flags.DEFINE_string("out", "benchmarks/results/train_step.json", "JSON output path")
 flags.DEFINE_integer("steps", 10, "timed train steps per config (after 2 warm-up steps)")
@@ -86,24 +81,9 @@ def bench_config(config: Config, steps: int) -> dict:
   """Times the jitted train step exactly as jaxtricks.train.loop builds it."""
   config.validate()
   tc = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  model = Transformer(config.model)
-  tx = make_optimizer(tc)
-  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
-  state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(model, tx, LOSSES[tc.loss], lr_schedule(tc)), shardings, mesh)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.model.vocab_size, (tc.batch_size, tc.seq_len + 1), np.int32)
-  batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                         sharding.batch_sharding(mesh))
+  one, params = common.train_step_runner(config)
   n_matmul = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(
-      state.params) if jax.tree_util.keystr(path).endswith("['kernel']"))
-
-  def one() -> dict:
-    nonlocal state
-    state, m = train_step(state, batch)
-    return m
+      params) if jax.tree_util.keystr(path).endswith("['kernel']"))
 
   first_s = seconds(one)  # compilation and the first step
   for _ in range(WARMUP - 1):

@@ -137,24 +137,9 @@ def format_table(rows: list[dict]) -> str:
 
 def _plot(rows: list[dict], path: str) -> str | None:
   try:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from jaxtricks.plotting import plot_labeled_points  # noqa: PLC0415 (matplotlib is optional)
   except ImportError:
     return None
-  if jax.process_index() != 0:
-    return None
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    ax.scatter(r["kv_bytes_per_token"], r["val_loss"])
-    ax.annotate(r["name"], (r["kv_bytes_per_token"], r["val_loss"]), textcoords="offset points",
-                xytext=(4, 4), fontsize=8)
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("KV-cache bytes per token")
-  ax.set_ylabel("held-out loss (nats per byte)")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plot_labeled_points([(r["name"], r["kv_bytes_per_token"], r["val_loss"]) for r in rows],
+                             path, "KV-cache bytes per token", "held-out loss (nats per byte)",
+                             log2_x=True)

@@ -168,25 +168,11 @@ def hellokan(config: KanConfig, x_train, y_train, x_test, y_test, dtype) -> dict
 
 def _plot(rmse: dict, train_rmse: dict, path: str) -> str | None:
   try:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from jaxtricks.plotting import plot_loglog  # noqa: PLC0415 (matplotlib is optional)
   except ImportError:
     return None
-  if jax.process_index() != 0:
-    return None
-  fig, ax = plt.subplots(figsize=(5, 4))
   grids = list(rmse)
-  ax.loglog(grids, [train_rmse[g] for g in grids], "o-", label="train")
-  ax.loglog(grids, [rmse[g] for g in grids], "s-", label="test")
   ref = rmse[grids[0]] * (np.array(grids, float) / grids[0]) ** -4.0
-  ax.loglog(grids, ref, "k--", alpha=0.4, label="G^-4")
-  ax.set_xlabel("grid size G")
-  ax.set_ylabel("RMSE")
-  ax.legend()
-  ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return plot_loglog({"train": (grids, [train_rmse[g] for g in grids], "o-"),
+                      "test": (grids, [rmse[g] for g in grids], "s-"),
+                      "G^-4": (grids, ref, "k--")}, path, "grid size G", "RMSE")

@@ -175,8 +175,9 @@ def _one_run(config: MtpConfig, workdir: str, exp: str) -> dict:
     out["task"] = task_scores(result, config)
   else:
     params = jax.device_get(result.state.params)
-    gen = generate(result.model, params, _prompts(result, config)[:1], config.sample_new_tokens)
-    prompt = bytes(_prompts(result, config)[0].tolist())
+    first = _prompts(result, config)[:1]
+    gen = generate(result.model, params, first, config.sample_new_tokens)
+    prompt = bytes(first[0].tolist())
     out["sample"] = {"prompt": prompt.decode("utf-8", "replace"),
                      "continuation": bytes(gen.tokens[0, :gen.lengths[0]].tolist())
                      .decode("utf-8", "replace")}

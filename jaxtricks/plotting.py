@@ -37,3 +37,40 @@ def plot_curves(metrics_path: str, keys: Sequence[str], out_path: str,
   fig.savefig(out_path, dpi=120)
   plt.close(fig)
   return out_path
+
+
+def plot_labeled_points(points: Sequence[tuple[str, float, float]], out_path: str, xlabel: str,
+                        ylabel: str, log2_x: bool = False) -> str | None:
+  """A scatter of (label, x, y) points, each annotated; returns the PNG path (process 0 only)."""
+  if jax.process_index() != 0:
+    return None
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, x, y in points:
+    ax.scatter(x, y)
+    ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  if log2_x:
+    ax.set_xscale("log", base=2)
+  return _finish(fig, ax, out_path, xlabel, ylabel, legend=False)
+
+
+def plot_loglog(series: dict[str, tuple[Sequence[float], Sequence[float], str]], out_path: str,
+                xlabel: str, ylabel: str) -> str | None:
+  """Log-log curves {label: (x, y, matplotlib format)}; returns the PNG path (process 0 only)."""
+  if jax.process_index() != 0:
+    return None
+  fig, ax = plt.subplots(figsize=(5, 4))
+  for label, (x, y, fmt) in series.items():
+    ax.loglog(x, y, fmt, label=label)
+  return _finish(fig, ax, out_path, xlabel, ylabel, legend=True)
+
+
+def _finish(fig, ax, out_path: str, xlabel: str, ylabel: str, legend: bool) -> str:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3, which="both")
+  if legend:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+  return out_path

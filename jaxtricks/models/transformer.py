@@ -78,7 +78,7 @@ class ModelConfig:
 
   @property
   def mtp_cache_heads(self) -> tuple[int, ...]:
-    """Extra heads (1-based index i >= 2 as mtp_{i-1}) that hold a KV cache of their own."""
+    """Indices i of the extra heads `mtp_i` (predicting token t + i + 1) with a KV cache."""
     return tuple(range(1, self.mtp_heads)) if self.mtp_head == "transformer" else ()
 
   @property
