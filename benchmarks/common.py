@@ -40,7 +40,7 @@ def train_step_runner(config) -> tuple[Callable[[], dict], Any]:
   tc = config.train
   mesh = sharding.make_mesh(config.mesh)
   model = Transformer(config.model)
-  tx = make_optimizer(tc)
+  tx = make_optimizer(tc, model)
   _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
   state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
   step = step_lib.jit_train_step(
@@ -54,4 +54,5 @@ def train_step_runner(config) -> tuple[Callable[[], dict], Any]:
   def one() -> dict:
     box["state"], metrics = step(box["state"], batch)
     return metrics
+  one.state = lambda: box["state"]  # the current train state, for memory measurements
   return one, state.params

@@ -1,6 +1,6 @@
 """Run by tests/test_sharding.py in a process with 8 CPU devices: the smoke run of the shared
 one-device reference under two meshes, then each run's parameter layout as JSON on stdout; and
-the multi-token smoke run under FSDP.
+the multi-token and SLoPe smoke runs under FSDP.
 
     python tests/sharded_runs.py WORKDIR
 """
@@ -15,6 +15,8 @@ from experiments import get_config
 from jaxtricks.config import override
 from jaxtricks.train.loop import train
 from tests.support import SMOKE_OVERRIDES
+
+SLOPE_OVERRIDES = {"model.sparsity": "slope", "model.adapter_rank": 2, "model.adapter_start": 0.5}
 
 MESHES = {
     "fsdp8": {},  # the default: mesh.fsdp=-1 takes all 8 devices
@@ -46,6 +48,9 @@ def main(workdir: str) -> None:
   # The multi-token model: its memory-efficient loss (a custom VJP over a scan) under FSDP.
   config = override(get_config("mtp", "smoke"), SMOKE_OVERRIDES)
   train(config, str(pathlib.Path(workdir) / "mtp_fsdp8"))
+  # SLoPe with lazy adapters: custom VJPs, kept-only optimizer state and the late adapter step.
+  config = override(get_config("lm", "smoke"), {**SMOKE_OVERRIDES, **SLOPE_OVERRIDES})
+  train(config, str(pathlib.Path(workdir) / "slope_fsdp8"))
   print(json.dumps(report))
 
 

@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtricks.errors import ConfigError
 from jaxtricks.sharding import MeshConfig, data_parallel_size, logical_to_spec
-from tests import support
+from tests import sharded_runs, support
 
 
 @pytest.mark.parametrize("cfg,devices,shape", [
@@ -104,6 +104,19 @@ def test_sharded_multi_token_run_equals_one_device_run(sharded, tmp_path):
   assert len(ref_train) == 6
   for key in ("loss", "loss_head1", "loss_head4", "grad_norm"):
     np.testing.assert_allclose([r[key] for r in got_train], [r[key] for r in ref_train],
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_sharded_slope_run_equals_one_device_run(sharded, tmp_path):
+  workdir, _ = sharded
+  overrides = [f"--{k}={v}" for k, v in sharded_runs.SLOPE_OVERRIDES.items()]
+  proc = support.launch(*support.SMOKE_FLAGS, *overrides, f"--workdir={tmp_path / 'slope'}")
+  assert proc.returncode == 0, support.describe(proc)
+  reference = support.train_records(support.read_jsonl(tmp_path / "slope" / "metrics.jsonl"))
+  got = support.train_records(support.read_jsonl(workdir / "slope_fsdp8" / "metrics.jsonl"))
+  assert len(reference) == 6
+  for key in ("loss", "grad_norm", "accuracy"):
+    np.testing.assert_allclose([r[key] for r in got], [r[key] for r in reference],
                                rtol=1e-5, atol=1e-6, err_msg=key)
 
 

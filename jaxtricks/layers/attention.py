@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxtricks.layers.linear import Linear
+from jaxtricks.layers.sparse_linear import NMSpec, linear_class
 from jaxtricks.ops.attention import attention, cached_attention, causal_mask
 from jaxtricks.ops.rope import apply_rope
 
@@ -44,6 +44,7 @@ class SelfAttention(nn.Module):
   implementation: str = "naive"
   dtype: str = "float32"
   param_dtype: str = "float32"
+  sparsity: NMSpec | None = None  # N:M sparse projections (SLoPe, SR-STE)
 
   @nn.compact
   def __call__(self, xq_BxTxD: jnp.ndarray, xkv_BxTxD: jnp.ndarray,
@@ -58,6 +59,7 @@ class SelfAttention(nn.Module):
     d = xq_BxTxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, k, h = self.n_heads, self.n_kv_heads, self.head_dim
+    Linear = linear_class(self.sparsity)  # noqa: N806
     q_BxTxNxH = Linear((n, h), ("embed", "heads", "head_dim"), std=d ** -0.5, name="q",
                        **kw)(xq_BxTxD)
     q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, self.rope_base)

@@ -23,6 +23,7 @@ from jaxtricks.layers.linear import Linear
 from jaxtricks.layers.mlp import SwiGLU
 from jaxtricks.layers.mtp import ResidualLinearHead
 from jaxtricks.layers.norm import RMSNorm
+from jaxtricks.layers.sparse_linear import METHODS, NMSpec
 from jaxtricks.models import registry
 from jaxtricks.ops.attention import IMPLEMENTATIONS, kv_sources
 
@@ -58,6 +59,17 @@ class ModelConfig:
   mtp_head: str = "transformer"  # transformer (parallel layers) | linear | sequential (DeepSeek-V3)
   mtp_compute_matched: bool = False  # remove mtp_heads - 1 trunk layers
   mtp_lambda: float = 0.0      # 0: every head weighs 1; else heads 2..n weigh lambda / (n - 1)
+  # N:M sparse projections: SLoPe (arXiv 2405.16325) or the SR-STE baseline (arXiv 2102.04010).
+  # The embedding and the output head always stay dense.
+  sparsity: str = "none"       # none | slope | srste
+  sparse_n: int = 2
+  sparse_m: int = 4
+  sparse_blocks: tuple[str, ...] = ()  # per block "N:M" or "dense"; () = sparse_n:sparse_m
+  sparse_targets: tuple[str, ...] = ("attn", "mlp")
+  sparse_rescale: bool = False  # scale kept weights by M/N
+  srste_decay: float = 2e-4    # SR-STE's lambda_w
+  adapter_rank: int = 0        # SLoPe lazy low-rank adapters (0: none) on every pruned linear
+  adapter_start: float = 0.99  # fraction of train.steps after which the adapters train
 
   @property
   def kv_heads(self) -> int:
@@ -88,6 +100,30 @@ class ModelConfig:
   @property
   def cross_layer(self) -> bool:
     return len(self.kv_producers) < self.n_layers
+
+  def block_nm(self, layer: int) -> tuple[int, int] | None:
+    """(N, M) of block `layer`'s pruned projections, or None when it is dense."""
+    if self.sparsity == "none":
+      return None
+    if not self.sparse_blocks:
+      return self.sparse_n, self.sparse_m
+    entry = self.sparse_blocks[layer].strip().lower()
+    if entry == "dense":
+      return None
+    try:
+      n, m = (int(v) for v in entry.split(":"))
+    except ValueError:
+      raise ConfigError(f"model.sparse_blocks[{layer}]={entry!r} is not 'N:M' or 'dense'"
+                        ) from None
+    return n, m
+
+  def sparsity_spec(self, layer: int, target: str) -> NMSpec | None:
+    """The NMSpec of block `layer`'s `target` ('attn' or 'mlp') projections, None if dense."""
+    nm = self.block_nm(layer)
+    if nm is None or target not in self.sparse_targets:
+      return None
+    return NMSpec(nm[0], nm[1], self.sparsity, self.sparse_rescale, self.srste_decay,
+                  self.adapter_rank)
 
   @property
   def ff_dim(self) -> int:
@@ -124,15 +160,54 @@ class ModelConfig:
                         f"{', '.join(IMPLEMENTATIONS)}")
     if self.dim_per_head % 2:
       raise ConfigError(f"RoPE needs an even head dimension, got {self.dim_per_head}")
+    if self.kan_grid < 1 or self.kan_order < 0 or self.kan_range <= 0:
+      raise ConfigError(f"model.kan_grid={self.kan_grid} must be >= 1, model.kan_order="
+                        f"{self.kan_order} >= 0 and model.kan_range={self.kan_range} > 0")
     for name, table in (("attention", registry.ATTENTION), ("mlp", registry.MLP),
                         ("head", registry.HEAD)):
       if getattr(self, name) not in table:
         raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; valid: "
                           f"{', '.join(sorted(table))}")
+    self._validate_sparsity()
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; valid: "
                           f"{', '.join(DTYPES)}")
+
+
+  def _validate_sparsity(self) -> None:
+    if self.sparsity not in ("none", *METHODS):
+      raise ConfigError(f"model.sparsity={self.sparsity!r} is unknown; valid: none, "
+                        f"{', '.join(METHODS)}")
+    if self.sparsity == "none":
+      return
+    if self.sparse_blocks and len(self.sparse_blocks) != self.depth:
+      raise ConfigError(f"model.sparse_blocks has {len(self.sparse_blocks)} entries for "
+                        f"{self.depth} blocks")
+    unknown = set(self.sparse_targets) - {"attn", "mlp"}
+    if unknown or not self.sparse_targets:
+      raise ConfigError(f"model.sparse_targets={self.sparse_targets} must be a non-empty "
+                        "subset of attn, mlp")
+    if "mlp" in self.sparse_targets and self.mlp != "swiglu":
+      raise ConfigError(f"model.sparse_targets includes 'mlp' but model.mlp={self.mlp!r} has no "
+                        "linear projections to prune; use --model.sparse_targets=attn")
+    if self.adapter_rank < 0 or not 0 <= self.adapter_start <= 1:
+      raise ConfigError(f"model.adapter_rank={self.adapter_rank} must be >= 0 and "
+                        f"model.adapter_start={self.adapter_start} within [0, 1]")
+    dims = {"model.d_model": self.d_model, "the head dimension": self.dim_per_head,
+            "the MLP width": self.ff_dim}
+    for layer in range(self.depth):
+      nm = self.block_nm(layer)
+      if nm is None:
+        continue
+      n, m = nm
+      where = "model.sparse_n/sparse_m" if not self.sparse_blocks else "model.sparse_blocks"
+      if not 0 < n <= m or m > 16:
+        raise ConfigError(f"{where}: N:M sparsity needs 0 < N <= M <= 16, got "
+                          f"model.sparse_n={n}, model.sparse_m={m}")
+      for what, size in dims.items():
+        if size % m:
+          raise ConfigError(f"{what}={size} is not divisible by the N:M group size M={m}")
 
 
 @registry.register(registry.ATTENTION, "mha")
@@ -140,13 +215,14 @@ def _mha(cfg: ModelConfig, layer: int, produces_kv: bool) -> nn.Module:
   return SelfAttention(cfg.n_heads, cfg.kv_heads, cfg.dim_per_head,
                        produces_kv=produces_kv, n_layers=cfg.n_layers,
                        rope_base=cfg.rope_base, implementation=cfg.attn_impl, dtype=cfg.dtype,
-                       param_dtype=cfg.param_dtype, name="attn")
+                       param_dtype=cfg.param_dtype, sparsity=cfg.sparsity_spec(layer, "attn"),
+                       name="attn")
 
 
 @registry.register(registry.MLP, "swiglu")
 def _swiglu(cfg: ModelConfig, layer: int) -> nn.Module:
   return SwiGLU(cfg.ff_dim, n_layers=cfg.n_layers, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                name="mlp")
+                sparsity=cfg.sparsity_spec(layer, "mlp"), name="mlp")
 
 
 @registry.register(registry.MLP, "kan")

@@ -1,0 +1,189 @@
+"""SLoPe: double-pruned N:M sparse pretraining with lazy low-rank adapters (Mozaffari et al. 2024,
+arXiv 2405.16325) against dense training, SR-STE and a dense model of half the width.
+
+    python launch.py --exp=slope                 # default preset, about 6 minutes on 2 CPU cores
+    python launch.py --exp=slope --preset=smoke
+
+Trains, with equal steps and tokens on the embedded corpus: `dense`; `slope` (2:4 static masks,
+double-pruned backward, no adapters); `slope_adapters` (plus rank-r adapters over the last
+1 - adapter_start of the steps); `srste` (dynamic masks, Zhou et al. 2021); `dense_half` (half
+d_model). The attention and MLP projections are pruned; the embedding and output head stay dense.
+XLA has no N:M sparse matmul, so sparse layers run as masked dense matmuls: no speed-up is
+claimed; the memory figures come from the actual compressed arrays.
+
+summary.json: `variants` = [{name, val_loss, params, nonzero_params, ...}], `extra_zero_fraction`
+(of the SLoPe model's trained kernels, as the backward prunes them; `extra_zero_fraction_at_init`
+and `extra_zero_fraction_expected` beside it), `memory` = {dense_weight_bytes,
+compressed_weight_bytes, dense_train_state_bytes, sparse_train_state_bytes, ...}, `ordering`.
+The paper's order of loss: dense < SLoPe + adapters <= SLoPe < SR-STE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxtricks import metrics as mlog
+from jaxtricks.config import Config, flatten, to_dict
+from jaxtricks.errors import ConfigError
+from jaxtricks.layers.sparse_linear import NMLeaf
+from jaxtricks.models import sparse
+from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.ops.sparsity import expected_extra_zeros
+from jaxtricks.train.config import TrainConfig
+from jaxtricks.train.loop import train
+
+PRESETS = ("smoke", "default", "full")
+VARIANTS = ("dense", "slope", "slope_adapters", "srste", "dense_half")
+
+
+def variant_config(base: ModelConfig, name: str) -> ModelConfig:
+  """The model config of a variant; N:M, targets, adapter rank and start come from `base`."""
+  rank = base.adapter_rank or max(base.d_model // 16, 1)
+  changes = {
+      "dense": dict(sparsity="none", adapter_rank=0),
+      "slope": dict(sparsity="slope", adapter_rank=0),
+      "slope_adapters": dict(sparsity="slope", adapter_rank=rank),
+      "srste": dict(sparsity="srste", adapter_rank=0),
+      "dense_half": dict(sparsity="none", adapter_rank=0, d_model=base.d_model // 2,
+                         d_ff=base.d_ff // 2),
+  }[name]
+  return dataclasses.replace(base, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlopeConfig(Config):
+  variants: tuple[str, ...] = ()  # empty: all five
+
+
+def get_config(preset: str) -> SlopeConfig:
+  if preset == "smoke":
+    return SlopeConfig(
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, adapter_rank=2, adapter_start=0.5),
+        train=TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, log_every=3,
+                          ckpt_every=0, eval_batches=1))
+  if preset == "default":
+    return SlopeConfig(
+        model=ModelConfig(d_model=128, n_layers=4, n_heads=4, adapter_rank=8),
+        train=TrainConfig(steps=250, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=25,
+                          log_every=25, ckpt_every=0, eval_batches=8))
+  return SlopeConfig(
+      model=ModelConfig(d_model=768, n_layers=12, n_heads=12, adapter_rank=16),
+      train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1e-3, warmup_steps=1000,
+                        log_every=100, ckpt_every=2000, eval_batches=32))
+
+
+def _train_state_bytes(result, leaves) -> tuple[int, int]:
+  """(bytes as trained, bytes with the sparse kernels held compressed)."""
+  state = jax.device_get(result.state)
+  as_trained = sparse.tree_bytes(state.params) + sparse.tree_bytes(state.opt_state)
+  compressed = sparse.tree_bytes(sparse.compress_params(state.params, leaves)) \
+      + sparse.tree_bytes(state.opt_state)
+  return as_trained, compressed
+
+
+def _random_extra_zeros(model_config: ModelConfig, seed: int) -> dict[str, float]:
+  """Extra zeros of the double-pruned backward on random normal weights of the SLoPe model's
+  kernel shapes, for its N:M and for 1:2 and 2:8."""
+  mc = dataclasses.replace(model_config, sparsity="slope", adapter_rank=0)
+  leaves = sparse.nm_leaves(Transformer(mc))
+  shapes = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(
+      Transformer(mc).init, jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]))
+  rng = np.random.default_rng(seed)
+  weights = traverse_util.unflatten_dict(
+      {p: rng.standard_normal(shapes[p].shape).astype(np.float32) for p in leaves})
+  out = {}
+  for n, m in ((mc.sparse_n, mc.sparse_m), (1, 2), (2, 8)):
+    if mc.d_model % m or mc.dim_per_head % m or mc.ff_dim % m:
+      continue
+    nm = {p: NMLeaf(n, m, leaf.axis) for p, leaf in leaves.items()}
+    out[f"{n}:{m}"] = sparse.extra_zero_fraction(weights, nm)
+  return out
+
+
+def run(config: SlopeConfig, workdir: str) -> dict:
+  names = config.variants or VARIANTS
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise ConfigError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+  for name in names:  # refuse a bad config before any training
+    dataclasses.replace(config, model=variant_config(config.model, name)).validate()
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="slope"))
+  rows, memory, extra = [], {}, {}
+  for name in names:
+    model_cfg = variant_config(config.model, name)
+    cfg = dataclasses.replace(config, model=model_cfg)
+    result = train(cfg, os.path.join(workdir, "variants", name), exp=f"slope/{name}")
+    leaves = sparse.nm_leaves(result.model)
+    params = jax.device_get(result.state.params)
+    as_trained, compressed = _train_state_bytes(result, leaves)
+    rows.append({
+        "name": name,
+        "val_loss": result.summary["val_loss"],
+        "val_bits_per_byte": result.summary["val_bits_per_byte"],
+        "params": result.summary["params"],
+        "nonzero_params": sparse.nonzero_params(params, leaves),
+        "train_state_bytes": as_trained,
+        "train_state_bytes_compressed": compressed,
+        "tokens_per_s": result.summary["tokens_per_s"],
+    })
+    if name == "dense":
+      memory["dense_train_state_bytes"] = as_trained
+      dense_state = jax.device_get(result.state)
+    if name == "slope":
+      flat = traverse_util.flatten_dict(params)
+      kernels = traverse_util.unflatten_dict({p: flat[p] for p in leaves})
+      memory["dense_weight_bytes"] = sparse.tree_bytes(kernels)
+      memory["compressed_weight_bytes"] = sparse.tree_bytes(
+          sparse.compress_params(kernels, leaves))
+      memory["model_dense_bytes"] = sparse.tree_bytes(params)
+      memory["model_compressed_bytes"] = sparse.tree_bytes(sparse.compress_params(params, leaves))
+      memory["sparse_train_state_bytes"] = compressed
+      memory["sparse_train_state_bytes_as_trained"] = as_trained
+      slope_state = jax.device_get(result.state)
+      kernel_paths = set(leaves)
+      memory["pruned_layers_sparse_state_bytes"] = (
+          memory["compressed_weight_bytes"] + sparse.bytes_at(slope_state.opt_state, kernel_paths))
+      extra["extra_zero_fraction"] = sparse.extra_zero_fraction(params, leaves)
+    mlog.log_progress(f"{name}: {rows[-1]}")
+  if "dense_weight_bytes" in memory:
+    memory["compressed_weight_ratio"] = (memory["compressed_weight_bytes"]
+                                         / memory["dense_weight_bytes"])
+  if "dense_train_state_bytes" in memory and "sparse_train_state_bytes" in memory:
+    memory["train_state_ratio"] = (memory["sparse_train_state_bytes"]
+                                   / memory["dense_train_state_bytes"])
+    # the same kernels' weights and optimizer state in the dense run
+    memory["pruned_layers_dense_state_bytes"] = (
+        sparse.bytes_at(dense_state.params, kernel_paths)
+        + sparse.bytes_at(dense_state.opt_state, kernel_paths))
+    memory["pruned_layers_state_ratio"] = (memory["pruned_layers_sparse_state_bytes"]
+                                           / memory["pruned_layers_dense_state_bytes"])
+  at_init = _random_extra_zeros(config.model, config.train.seed)
+  summary = {
+      "exp": "slope", "steps": config.train.steps, "variants": rows,
+      **extra,
+      "extra_zero_fraction_at_init": at_init,
+      "extra_zero_fraction_expected": {k: expected_extra_zeros(*map(int, k.split(":")))
+                                       for k in at_init},
+      "memory": memory,
+      "ordering": [r["name"] for r in sorted(rows, key=lambda r: r["val_loss"])],
+      "wall_s": time.time() - t_start, "config": flatten(config),
+  }
+  mlog.log_progress(format_table(rows))
+  mlog.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def format_table(rows: list[dict]) -> str:
+  head = f"{'variant':<15} {'params':>9} {'nonzero':>9} {'val loss':>9} {'state B':>11}"
+  return "\n".join([head] + [
+      f"{r['name']:<15} {r['params']:>9,} {r['nonzero_params']:>9,} {r['val_loss']:>9.4f} "
+      f"{r['train_state_bytes_compressed']:>11,}" for r in rows])

@@ -1,0 +1,132 @@
+"""Optimizer wrappers for SLoPe (arXiv 2405.16325): state for kept weights only, and lazy adapters.
+
+`keep_nm_sparse(inner, leaves)`: the inner optimizer sees each N:M sparse kernel as its kept
+values only (the grouped axis shrunk by N/M), so Adam's moments of a 2:4 kernel take half the
+memory; its updates are scattered back with zeros at pruned entries, which therefore stay exactly
+zero (the static mask). The kept positions are stored bit-packed in the optimizer state.
+
+`after_step(inner, start)`: no update and no state change before step `start`; the lazy low-rank
+adapters of the last 1% of training use it, with a learning-rate schedule offset by `start`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from jaxtricks.layers.sparse_linear import ADAPTER_NAMES, NMLeaf
+from jaxtricks.ops import sparsity
+
+Path = tuple[str, ...]  # a parameter's keys, as flax.traverse_util.flatten_dict gives them
+
+
+def _unbox(x):
+  return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
+
+
+def _map_sparse(fn: Callable, tree: Any, leaves: dict[Path, NMLeaf]) -> Any:
+  """tree with fn(value, path, leaf) at the sparse paths (boxed values keep their names)."""
+  flat = traverse_util.flatten_dict(tree)
+  for path, leaf in leaves.items():
+    value = flat[path]
+    new = fn(_unbox(value), path, leaf)
+    flat[path] = value.replace_boxed(new) if isinstance(value, nn.meta.AxisMetadata) else new
+  return traverse_util.unflatten_dict(flat)
+
+
+def _positions(packed: jnp.ndarray, leaf: NMLeaf, shape: tuple[int, ...]) -> jnp.ndarray:
+  moved = list(shape)
+  moved.append(moved.pop(leaf.axis))
+  groups = (*moved[:-1], moved[-1] // leaf.m, leaf.n)
+  count = 1
+  for g in groups:
+    count *= g
+  return sparsity.unpack_bits(packed, sparsity.index_bits(leaf.m), count).reshape(groups)
+
+
+class NMSparseState(NamedTuple):
+  positions: Any  # nested dict of packed kept positions, one uint8 vector per sparse kernel
+  inner: Any
+
+
+def keep_nm_sparse(inner: optax.GradientTransformation,
+                   leaves: dict[Path, NMLeaf]) -> optax.GradientTransformation:
+  """Runs `inner` on the kept values of the sparse kernels (see module docstring)."""
+  def positions(packed: dict[Path, jnp.ndarray], tree: Any) -> dict[Path, jnp.ndarray]:
+    flat = traverse_util.flatten_dict(tree)
+    return {path: _positions(packed[path], leaf, _unbox(flat[path]).shape)
+            for path, leaf in leaves.items()}
+
+  def init(params):
+    flat = traverse_util.flatten_dict(params)
+    packed = {}
+    for path, leaf in leaves.items():
+      mask = sparsity.nm_mask(_unbox(flat[path]), leaf.n, leaf.m, leaf.axis)
+      pos = sparsity.kept_positions(mask, leaf.n, leaf.m, leaf.axis)
+      packed[path] = sparsity.pack_bits(pos, sparsity.index_bits(leaf.m))
+    pos = positions(packed, params)
+    view = _map_sparse(lambda w, path, leaf: sparsity.gather_kept(w, pos[path], leaf.m, leaf.axis),
+                       params, leaves)
+    return NMSparseState(traverse_util.unflatten_dict(packed), inner.init(view))
+
+  def update(updates, state, params=None):
+    pos = positions(traverse_util.flatten_dict(state.positions), updates)
+    gather = lambda w, path, leaf: sparsity.gather_kept(w, pos[path], leaf.m, leaf.axis)
+    g_view = _map_sparse(gather, updates, leaves)
+    p_view = None if params is None else _map_sparse(gather, params, leaves)
+    u_view, inner_state = inner.update(g_view, state.inner, p_view)
+    scatter = lambda u, path, leaf: sparsity.scatter_kept(u, pos[path], leaf.n, leaf.m, leaf.axis)
+    return _map_sparse(scatter, u_view, leaves), NMSparseState(state.positions, inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+class AfterStepState(NamedTuple):
+  count: jnp.ndarray
+  inner: Any
+
+
+def after_step(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+  """`inner` from step `start` on; before it, zero updates and an untouched inner state."""
+  def init(params):
+    return AfterStepState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    def run(_):
+      return inner.update(updates, state.inner, params)
+
+    def skip(_):
+      return jax.tree.map(jnp.zeros_like, updates), state.inner
+
+    new_updates, inner_state = jax.lax.cond(state.count >= start, run, skip, None)
+    return new_updates, AfterStepState(state.count + 1, inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def is_adapter(params: Any) -> Any:
+  """Tree of bools: True at the low-rank adapter parameters."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: p[-1] in ADAPTER_NAMES for p in flat})
+
+
+def zero_until(start: int, where: Callable[[Any], Any]) -> optax.GradientTransformation:
+  """Zeroes the gradients selected by `where(params)` before step `start` (so that the global
+  gradient norm and its clipping ignore parameters that do not train yet)."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    selected = where(updates)
+    on = state.count >= start
+    updates = jax.tree.map(lambda u, s: jnp.where(on | ~s, u, 0), updates, selected)
+    return updates, optax.ScaleByScheduleState(count=state.count + 1)
+
+  return optax.GradientTransformation(init, update)

@@ -1,0 +1,175 @@
+"""SLoPe in the Transformer: static masks through training, kept-only optimizer state, lazy
+adapters (no change at the switch, exact parameter count, merged for inference), compressed
+parameters, SR-STE, and config errors."""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxtricks import sharding
+from jaxtricks.errors import ConfigError
+from jaxtricks.models import sparse
+from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.ops.sparsity import nm_mask
+from jaxtricks.train import step as step_lib
+from jaxtricks.train.config import TrainConfig
+from jaxtricks.train.losses import LOSSES
+from jaxtricks.train.optimizer import adapter_start_step, lr_schedule, make_optimizer
+from jaxtricks.train.state import init_state, state_shardings
+
+BASE = ModelConfig(d_model=32, n_layers=2, n_heads=2, sparsity="slope")
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
+
+
+@functools.cache
+def init_params(config, seed=0):
+  init = jax.jit(Transformer(config).init)
+  return jax.device_get(nn.unbox(init(jax.random.key(seed), TOKENS)["params"]))
+
+
+def logits(config, params):
+  return jax.jit(Transformer(config).apply)({"params": params}, TOKENS)
+
+
+def flat(params):
+  return traverse_util.flatten_dict(jax.device_get(params))
+
+
+def test_slope_kernels_are_pruned_and_found():
+  params = init_params(BASE)
+  leaves = sparse.nm_leaves(Transformer(BASE))
+  # q, k, v, o, gate, up, down in each of the 2 blocks; embedding and head stay dense
+  assert len(leaves) == 14 and all(p[0].startswith("block_") for p in leaves)
+  for path, leaf in leaves.items():
+    w = flat(params)[path]
+    w_IxO = w.reshape(int(np.prod(w.shape[:leaf.axis + 1])), -1)
+    groups = (w_IxO != 0).reshape(-1, 4, w_IxO.shape[1]).sum(1)
+    assert (groups == 2).all(), path
+
+
+def test_adapters_change_nothing_at_the_switch_and_add_exact_parameters():
+  r = 4
+  with_adapters = dataclasses.replace(BASE, adapter_rank=r)
+  p0, p1 = init_params(BASE), init_params(with_adapters)
+  f0, f1 = flat(p0), flat(p1)
+  added = {k: v for k, v in f1.items() if k not in f0}
+  assert all(k[-1] in ("adapter_l", "adapter_r") for k in added)
+  leaves = sparse.nm_leaves(Transformer(BASE))
+  expected = 0
+  for path in leaves:
+    w = f0[path]
+    leaf = leaves[path]
+    d_in = int(np.prod(w.shape[:leaf.axis + 1]))
+    expected += (d_in + w.size // d_in) * r
+  assert sum(v.size for v in added.values()) == expected
+  # same kernels, R = 0: the same logits
+  f1.update(f0)
+  np.testing.assert_array_equal(logits(with_adapters, traverse_util.unflatten_dict(f1)),
+                                logits(BASE, p0))
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_merged_adapters_give_a_dense_model_with_the_same_outputs(rescale):
+  cfg = dataclasses.replace(BASE, adapter_rank=2, sparse_rescale=rescale)
+  f = flat(init_params(cfg))
+  rng = np.random.default_rng(1)
+  for k in f:
+    if k[-1] == "adapter_r":
+      f[k] = rng.standard_normal(f[k].shape).astype(np.float32) * 0.1
+  params = traverse_util.unflatten_dict(f)
+  leaves = sparse.nm_leaves(Transformer(cfg))
+  merged = sparse.merged_params(params, leaves, sparse.spec_of_path(cfg))
+  dense = dataclasses.replace(cfg, sparsity="none", adapter_rank=0, sparse_rescale=False)
+  np.testing.assert_allclose(logits(dense, merged), logits(cfg, params), rtol=2e-5, atol=2e-5)
+
+
+def test_compressed_parameters_round_trip_to_the_same_outputs():
+  params = init_params(BASE)
+  leaves = sparse.nm_leaves(Transformer(BASE))
+  packed = sparse.compress_params(params, leaves)
+  assert sparse.tree_bytes(packed) < sparse.tree_bytes(params)
+  np.testing.assert_array_equal(logits(BASE, sparse.decompress_params(packed)),
+                                logits(BASE, params))
+
+
+def _train(config, steps, seed=0):
+  tc = TrainConfig(steps=steps, batch_size=2, seq_len=11, warmup_steps=1, lr=1e-2)
+  model = Transformer(config)
+  tx = make_optimizer(tc, model)
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
+  state = init_state(model, tx, tc.seq_len, seed, shardings)
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, LOSSES["lm"], lr_schedule(tc)), shardings, mesh)
+  batch = {"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:]}
+  states = [jax.device_get(state)]
+  for _ in range(steps):
+    state, _ = step(state, batch)
+    states.append(jax.device_get(state))
+  return states, model, tc
+
+
+def test_slope_training_keeps_static_masks_and_starts_adapters_late():
+  cfg = dataclasses.replace(BASE, adapter_rank=2, adapter_start=0.5)
+  states, model, tc = _train(cfg, 4)
+  start = adapter_start_step(tc, cfg)
+  assert start == 2
+  leaves = sparse.nm_leaves(model)
+  first, last = flat(states[0].params), flat(states[-1].params)
+  for path in leaves:
+    assert ((first[path] == 0) == (last[path] == 0)).all(), path  # pruned stay exactly zero
+    assert not np.array_equal(first[path], last[path]), path      # kept ones learn
+  r_paths = [k for k in first if k[-1] == "adapter_r"]
+  for i, s in enumerate(states):
+    r_norm = sum(np.abs(flat(s.params)[k]).sum() for k in r_paths)
+    assert (r_norm > 0) == (i > start), (i, r_norm)  # R moves only after the switch step
+  # Adam's moments of a sparse kernel hold its kept values only
+  path = next(iter(leaves))
+  moments = [leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(states[-1].opt_state)[0]
+             if tuple(k.key for k in kp if hasattr(k, "key"))[-len(path):] == path]
+  assert len(moments) == 3  # packed positions, mu, nu
+  assert sorted(m.size for m in moments)[1:] == [first[path].size // 2] * 2
+
+
+def test_srste_keeps_dense_weights_and_uses_half():
+  cfg = dataclasses.replace(BASE, sparsity="srste")
+  states, model, _ = _train(cfg, 2)
+  leaves = sparse.nm_leaves(model)
+  params = states[-1].params
+  for path in leaves:
+    w = flat(params)[path]
+    assert np.count_nonzero(w) == w.size  # stored dense, re-masked every step
+  dense_count = sum(flat(params)[p].size for p in leaves)
+  assert sparse.nonzero_params(params, leaves) == (
+      sum(v.size for v in flat(params).values()) - dense_count // 2)
+
+
+def test_mixed_nm_per_block():
+  cfg = dataclasses.replace(BASE, sparse_blocks=("dense", "1:4"))
+  leaves = sparse.nm_leaves(Transformer(cfg))
+  assert {p[0] for p in leaves} == {"block_1"}
+  assert {(leaf.n, leaf.m) for leaf in leaves.values()} == {(1, 4)}
+  f = flat(init_params(cfg))
+  w = f[("block_1", "mlp", "up", "kernel")]
+  assert np.count_nonzero(w) == w.size // 4
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(sparse_n=5, sparse_m=4), "0 < N <= M"),
+    (dict(sparse_m=3, sparse_n=1), "not divisible by the N:M group size"),
+    (dict(sparsity="dense"), "model.sparsity"),
+    (dict(sparse_blocks=("2:4",)), "entries for 2 blocks"),
+    (dict(sparse_blocks=("2:4", "two")), "is not 'N:M' or 'dense'"),
+    (dict(sparse_targets=("attn", "embed")), "sparse_targets"),
+    (dict(mlp="kan"), "no linear projections"),
+    (dict(adapter_start=1.5), "adapter_start"),
+])
+def test_sparsity_config_errors(changes, message):
+  with pytest.raises(ConfigError, match=message):
+    dataclasses.replace(BASE, **changes).validate()
