@@ -77,7 +77,9 @@ def measure(name: str, base: ModelConfig, tc: TrainConfig) -> dict:
       "params": int(sum(x.size for x in jax.tree.leaves(params))),
       "nonzero_params": sparse.nonzero_params(params, leaves),
       "train_state_bytes": sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state),
-      "train_state_bytes_compressed": sparse.tree_bytes(sparse.compress_params(params, leaves))
+      # SR-STE's pruned weights can come back, so only SLoPe can train on compressed kernels
+      "train_state_bytes_compressed": sparse.tree_bytes(
+          sparse.compress_params(params, leaves) if mc.sparsity == "slope" else params)
       + sparse.tree_bytes(state.opt_state),
       "weight_bytes_compressed": sparse.tree_bytes(sparse.compress_params(params, leaves)),
       "weight_bytes": sparse.tree_bytes(params),

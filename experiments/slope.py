@@ -7,14 +7,18 @@ arXiv 2405.16325) against dense training, SR-STE and a dense model of half the w
 Trains, with equal steps and tokens on the embedded corpus: `dense`; `slope` (2:4 static masks,
 double-pruned backward, no adapters); `slope_adapters` (plus rank-r adapters over the last
 1 - adapter_start of the steps); `srste` (dynamic masks, Zhou et al. 2021); `dense_half` (half
-d_model). The attention and MLP projections are pruned; the embedding and output head stay dense.
+d_model). `--variants=slope_exact_backward` adds an ablation: static masks, exact input gradient.
+The attention and MLP projections are pruned; the embedding and output head stay dense.
 XLA has no N:M sparse matmul, so sparse layers run as masked dense matmuls: no speed-up is
 claimed; the memory figures come from the actual compressed arrays.
 
 summary.json: `variants` = [{name, val_loss, params, nonzero_params, ...}], `extra_zero_fraction`
 (of the SLoPe model's trained kernels, as the backward prunes them; `extra_zero_fraction_at_init`
 and `extra_zero_fraction_expected` beside it), `memory` = {dense_weight_bytes,
-compressed_weight_bytes, dense_train_state_bytes, sparse_train_state_bytes, ...}, `ordering`.
+compressed_weight_bytes, dense_train_state_bytes, sparse_train_state_bytes, ...}, `ordering`,
+`static_masks_held` (the trained kernels are non-zero exactly where the initial masks kept), and
+`compressed_checkpoint` (the SLoPe model's compressed parameters written with orbax to
+`slope_compressed/` and read back).
 The paper's order of loss: dense < SLoPe + adapters <= SLoPe < SR-STE.
 """
 
@@ -30,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxtricks import metrics as mlog
+from jaxtricks.checkpoint import load_tree, save_tree
 from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.sparse_linear import NMLeaf
@@ -41,6 +46,8 @@ from jaxtricks.train.loop import train
 
 PRESETS = ("smoke", "default", "full")
 VARIANTS = ("dense", "slope", "slope_adapters", "srste", "dense_half")
+# run only when named in --variants: SLoPe's static masks with the exact input gradient
+ABLATIONS = ("slope_exact_backward",)
 
 
 def variant_config(base: ModelConfig, name: str) -> ModelConfig:
@@ -53,13 +60,14 @@ def variant_config(base: ModelConfig, name: str) -> ModelConfig:
       "srste": dict(sparsity="srste", adapter_rank=0),
       "dense_half": dict(sparsity="none", adapter_rank=0, d_model=base.d_model // 2,
                          d_ff=base.d_ff // 2),
+      "slope_exact_backward": dict(sparsity="slope", adapter_rank=0, sparse_backward="exact"),
   }[name]
   return dataclasses.replace(base, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
 class SlopeConfig(Config):
-  variants: tuple[str, ...] = ()  # empty: all five
+  variants: tuple[str, ...] = ()  # empty: the five of VARIANTS; ABLATIONS may be named too
 
 
 def get_config(preset: str) -> SlopeConfig:
@@ -80,9 +88,12 @@ def get_config(preset: str) -> SlopeConfig:
 
 
 def _train_state_bytes(result, leaves) -> tuple[int, int]:
-  """(bytes as trained, bytes with the sparse kernels held compressed)."""
+  """(bytes as trained, bytes with SLoPe's static-mask kernels held compressed; SR-STE's pruned
+  weights can come back, so its training state stays dense)."""
   state = jax.device_get(result.state)
   as_trained = sparse.tree_bytes(state.params) + sparse.tree_bytes(state.opt_state)
+  if result.model.config.sparsity != "slope":
+    return as_trained, as_trained
   compressed = sparse.tree_bytes(sparse.compress_params(state.params, leaves)) \
       + sparse.tree_bytes(state.opt_state)
   return as_trained, compressed
@@ -107,11 +118,22 @@ def _random_extra_zeros(model_config: ModelConfig, seed: int) -> dict[str, float
   return out
 
 
+def _save_compressed(tree, path: str) -> dict:
+  """Writes the SLoPe model's compressed parameters with orbax and reads them back."""
+  save_tree(path, tree)
+  back = load_tree(path, tree)
+  same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back),
+                                                  strict=True))
+  on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
+                for f in files)
+  return {"path": os.path.basename(path), "bytes_on_disk": on_disk, "round_trip_exact": same}
+
+
 def run(config: SlopeConfig, workdir: str) -> dict:
   names = config.variants or VARIANTS
-  unknown = [n for n in names if n not in VARIANTS]
+  unknown = [n for n in names if n not in VARIANTS + ABLATIONS]
   if unknown:
-    raise ConfigError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+    raise ConfigError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS + ABLATIONS)}")
   for name in names:  # refuse a bad config before any training
     dataclasses.replace(config, model=variant_config(config.model, name)).validate()
   t_start = time.time()
@@ -153,6 +175,10 @@ def run(config: SlopeConfig, workdir: str) -> dict:
       memory["pruned_layers_sparse_state_bytes"] = (
           memory["compressed_weight_bytes"] + sparse.bytes_at(slope_state.opt_state, kernel_paths))
       extra["extra_zero_fraction"] = sparse.extra_zero_fraction(params, leaves)
+      extra["static_masks_held"] = sparse.static_masks_held(
+          params, slope_state.opt_state.positions, leaves)
+      extra["compressed_checkpoint"] = _save_compressed(
+          sparse.compress_params(params, leaves), os.path.join(workdir, "slope_compressed"))
     mlog.log_progress(f"{name}: {rows[-1]}")
   if "dense_weight_bytes" in memory:
     memory["compressed_weight_ratio"] = (memory["compressed_weight_bytes"]

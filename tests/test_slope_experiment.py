@@ -25,6 +25,9 @@ def test_slope_smoke_summary(tmp_path):
   assert rows["slope"]["params"] == rows["dense"]["params"]
   assert rows["slope"]["nonzero_params"] == rows["srste"]["nonzero_params"] < rows["dense"][
       "params"]
+  assert summary["static_masks_held"] is True
+  assert summary["compressed_checkpoint"]["round_trip_exact"] is True
+  assert (workdir / "slope_compressed").is_dir()
   assert 0.05 < summary["extra_zero_fraction"] < 0.14
   assert summary["extra_zero_fraction_at_init"]["2:4"] == pytest.approx(
       expected_extra_zeros(2, 4), abs=0.01)

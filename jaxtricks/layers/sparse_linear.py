@@ -37,6 +37,7 @@ class NMSpec:
   decay: float = 2e-4         # SR-STE's lambda_w
   rank: int = 0
   backend: str = "masked_dense"
+  double_prune: bool = True   # SLoPe's pruned input gradient; False: exact (ablation)
 
 
 @struct.dataclass
@@ -86,7 +87,7 @@ class SparseLinear(Linear):
       row_mask_IxO = jax.lax.stop_gradient(sparsity.nm_mask(w_IxO, spec.n, spec.m, axis=0))
       scale = spec.m / spec.n if spec.rescale else 1.0
       y_RxO = sparsity.slope_matmul(x_RxI, w_IxO, row_mask_IxO, spec.n, spec.m, scale,
-                                    spec.backend)
+                                    spec.backend, spec.double_prune)
     else:
       y_RxO = sparsity.srste_matmul(x_RxI, w_IxO, spec.n, spec.m, spec.decay)
     if spec.rank:

@@ -117,3 +117,17 @@ def bytes_at(tree: Any, paths: set[Path]) -> int:
     if any(keys[-len(p):] == p for p in paths):
       total += np.asarray(leaf).nbytes
   return total
+
+
+def static_masks_held(params: Any, positions: Any, leaves: dict[Path, NMLeaf]) -> bool:
+  """Whether every sparse kernel is non-zero exactly at the kept positions the optimizer recorded
+  at initialisation (`NMSparseState.positions`): the forward mask never changed."""
+  flat, flat_pos = traverse_util.flatten_dict(params), traverse_util.flatten_dict(positions)
+  for path, leaf in leaves.items():
+    w = jnp.asarray(flat[path])
+    pos = sparsity.unpack_positions(jnp.asarray(flat_pos[path]), w.shape, leaf.n, leaf.m,
+                                    leaf.axis)
+    if not bool(jnp.all(sparsity.kept_mask(pos, w.shape, leaf.n, leaf.m, leaf.axis)
+                        == (w != 0))):
+      return False
+  return True

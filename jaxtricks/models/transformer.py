@@ -68,6 +68,7 @@ class ModelConfig:
   sparse_targets: tuple[str, ...] = ("attn", "mlp")
   sparse_rescale: bool = False  # scale kept weights by M/N
   srste_decay: float = 2e-4    # SR-STE's lambda_w
+  sparse_backward: str = "double"  # slope: double (pruned input gradient) | exact (ablation)
   adapter_rank: int = 0        # SLoPe lazy low-rank adapters (0: none) on every pruned linear
   adapter_start: float = 0.99  # fraction of train.steps after which the adapters train
 
@@ -123,7 +124,7 @@ class ModelConfig:
     if nm is None or target not in self.sparse_targets:
       return None
     return NMSpec(nm[0], nm[1], self.sparsity, self.sparse_rescale, self.srste_decay,
-                  self.adapter_rank)
+                  self.adapter_rank, double_prune=self.sparse_backward == "double")
 
   @property
   def ff_dim(self) -> int:
@@ -181,6 +182,9 @@ class ModelConfig:
                         f"{', '.join(METHODS)}")
     if self.sparsity == "none":
       return
+    if self.sparse_backward not in ("double", "exact"):
+      raise ConfigError(f"model.sparse_backward={self.sparse_backward!r} is unknown; valid: "
+                        "double, exact")
     if self.sparse_blocks and len(self.sparse_blocks) != self.depth:
       raise ConfigError(f"model.sparse_blocks has {len(self.sparse_blocks)} entries for "
                         f"{self.depth} blocks")

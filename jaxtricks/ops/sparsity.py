@@ -71,25 +71,30 @@ def _masked_dense(a_RxK: jnp.ndarray, b_KxN: jnp.ndarray, n: int, m: int) -> jnp
 SPARSE_MATMULS: dict[str, Callable] = {"masked_dense": _masked_dense}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def slope_matmul(x_RxI: jnp.ndarray, w_IxO: jnp.ndarray, row_mask_IxO: jnp.ndarray, n: int,
-                 m: int, scale: float = 1.0, backend: str = "masked_dense") -> jnp.ndarray:
+                 m: int, scale: float = 1.0, backend: str = "masked_dense",
+                 double: bool = True) -> jnp.ndarray:
   """SLoPe's double-pruned linear y = scale * x (w * R) (module docstring). `scale` = M/N
-  rescales the kept weights (optional); `backend` names the N:M matmul in SPARSE_MATMULS."""
+  rescales the kept weights (optional); `backend` names the N:M matmul in SPARSE_MATMULS;
+  double=False gives the exact input gradient dy (w * R)^T (an ablation of the double pruning)."""
   w_r = jnp.where(row_mask_IxO, w_IxO, 0).astype(x_RxI.dtype)
   return SPARSE_MATMULS[backend](x_RxI, w_r, n, m) * scale
 
 
-def _slope_fwd(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend):
-  return slope_matmul(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend), (x_RxI, w_IxO,
-                                                                            row_mask_IxO)
+def _slope_fwd(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend, double):
+  y = slope_matmul(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend, double)
+  return y, (x_RxI, w_IxO, row_mask_IxO)
 
 
-def _slope_bwd(n, m, scale, backend, res, dy_RxO):
+def _slope_bwd(n, m, scale, backend, double, res, dy_RxO):
   x_RxI, w_IxO, row_mask_IxO = res
   dw_IxO = jnp.where(row_mask_IxO, x_RxI.T @ dy_RxO, 0) * scale
-  w_rc_OxI = double_prune(w_IxO, row_mask_IxO, n, m).T.astype(dy_RxO.dtype)
-  dx_RxI = SPARSE_MATMULS[backend](dy_RxO, w_rc_OxI, n, m) * scale
+  if double:
+    w_rc_OxI = double_prune(w_IxO, row_mask_IxO, n, m).T.astype(dy_RxO.dtype)
+    dx_RxI = SPARSE_MATMULS[backend](dy_RxO, w_rc_OxI, n, m) * scale
+  else:  # w * R is not N:M along O: a dense matmul
+    dx_RxI = dy_RxO @ jnp.where(row_mask_IxO, w_IxO, 0).T.astype(dy_RxO.dtype) * scale
   return dx_RxI.astype(x_RxI.dtype), dw_IxO.astype(w_IxO.dtype), None
 
 
@@ -193,10 +198,24 @@ def compress_nm(w: jnp.ndarray, n: int, m: int, axis: int = 0,
                       tuple(w.shape), n, m, axis)
 
 
+def unpack_positions(packed: jnp.ndarray, shape: tuple[int, ...], n: int, m: int,
+                     axis: int) -> jnp.ndarray:
+  """The kept positions (..., G, n) of an N:M array of `shape` from their packed bits."""
+  moved = list(shape)
+  moved.append(moved.pop(axis))
+  groups = (*moved[:-1], moved[-1] // m, n)
+  return unpack_bits(packed, index_bits(m), math.prod(groups)).reshape(groups)
+
+
+def kept_mask(pos_GxN: jnp.ndarray, shape: tuple[int, ...], n: int, m: int,
+              axis: int) -> jnp.ndarray:
+  """The boolean N:M mask of `shape` whose kept entries are at `pos`."""
+  kept_shape = list(shape)
+  kept_shape[axis] = shape[axis] * n // m
+  return scatter_kept(jnp.ones(kept_shape, jnp.float32), pos_GxN, n, m, axis) != 0
+
+
 def decompress_nm(c: NMCompressed) -> jnp.ndarray:
   """The dense array (zeros at pruned entries) of a compressed one."""
-  moved = list(c.shape)
-  moved.append(moved.pop(c.axis))
-  groups = (*moved[:-1], moved[-1] // c.m, c.n)
-  pos = unpack_bits(c.packed, index_bits(c.m), math.prod(groups)).reshape(groups)
+  pos = unpack_positions(c.packed, c.shape, c.n, c.m, c.axis)
   return scatter_kept(c.values, pos, c.n, c.m, c.axis)

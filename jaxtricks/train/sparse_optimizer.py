@@ -40,16 +40,6 @@ def _map_sparse(fn: Callable, tree: Any, leaves: dict[Path, NMLeaf]) -> Any:
   return traverse_util.unflatten_dict(flat)
 
 
-def _positions(packed: jnp.ndarray, leaf: NMLeaf, shape: tuple[int, ...]) -> jnp.ndarray:
-  moved = list(shape)
-  moved.append(moved.pop(leaf.axis))
-  groups = (*moved[:-1], moved[-1] // leaf.m, leaf.n)
-  count = 1
-  for g in groups:
-    count *= g
-  return sparsity.unpack_bits(packed, sparsity.index_bits(leaf.m), count).reshape(groups)
-
-
 class NMSparseState(NamedTuple):
   positions: Any  # nested dict of packed kept positions, one uint8 vector per sparse kernel
   inner: Any
@@ -60,7 +50,8 @@ def keep_nm_sparse(inner: optax.GradientTransformation,
   """Runs `inner` on the kept values of the sparse kernels (see module docstring)."""
   def positions(packed: dict[Path, jnp.ndarray], tree: Any) -> dict[Path, jnp.ndarray]:
     flat = traverse_util.flatten_dict(tree)
-    return {path: _positions(packed[path], leaf, _unbox(flat[path]).shape)
+    return {path: sparsity.unpack_positions(packed[path], _unbox(flat[path]).shape, leaf.n,
+                                            leaf.m, leaf.axis)
             for path, leaf in leaves.items()}
 
   def init(params):

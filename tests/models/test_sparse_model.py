@@ -16,7 +16,6 @@ from jaxtricks import sharding
 from jaxtricks.errors import ConfigError
 from jaxtricks.models import sparse
 from jaxtricks.models.transformer import ModelConfig, Transformer
-from jaxtricks.ops.sparsity import nm_mask
 from jaxtricks.train import step as step_lib
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.losses import LOSSES
@@ -125,6 +124,11 @@ def test_slope_training_keeps_static_masks_and_starts_adapters_late():
   for path in leaves:
     assert ((first[path] == 0) == (last[path] == 0)).all(), path  # pruned stay exactly zero
     assert not np.array_equal(first[path], last[path]), path      # kept ones learn
+  assert sparse.static_masks_held(states[-1].params, states[-1].opt_state.positions, leaves)
+  moved = flat(states[-1].params)
+  moved[path] = np.roll(moved[path], 1, axis=0)  # a different mask is detected
+  assert not sparse.static_masks_held(traverse_util.unflatten_dict(moved),
+                                      states[-1].opt_state.positions, leaves)
   r_paths = [k for k in first if k[-1] == "adapter_r"]
   for i, s in enumerate(states):
     r_norm = sum(np.abs(flat(s.params)[k]).sum() for k in r_paths)

@@ -97,6 +97,12 @@ def test_slope_matmul_forward_and_gradients(rescale):
   # the input gradient differs from the exact one: double pruning drops some of W^R
   exact = dy @ np.where(row, w, 0).T * scale
   assert not np.allclose(dx, exact)
+  # ... which the ablation (double=False) computes, with the same weight gradient
+  g = lambda x, w: sparsity.slope_matmul(x, w, jnp.asarray(row), n, m, scale,  # noqa: E731
+                                         "masked_dense", False)
+  dx_exact, dw_exact = jax.vjp(g, jnp.asarray(x), jnp.asarray(w))[1](jnp.asarray(dy))
+  np.testing.assert_allclose(dx_exact, exact, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw_exact, dw, rtol=1e-6)
 
 
 def test_srste_matmul_forward_and_gradients():
