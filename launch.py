@@ -4,11 +4,15 @@
                      [--seed=S] [--ckpt_every=N] [--log_every=N] [--model.d_model=256 ...]
 
 Every field of the experiment's config is a flag (`--help` lists them with their defaults).
-Running the same command again resumes from the latest checkpoint in the workdir.
+Running the same command again resumes from the latest checkpoint in the workdir. SIGTERM saves a
+checkpoint at the next step boundary and exits 0. Several processes (one per host): pass
+--coordinator_address, --num_processes and --process_id, or set JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID (BUILD.md).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -28,6 +32,8 @@ flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of pr
 flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 FLAGS = flags.FLAGS
+# OSErrors that mean the disk, not jaxtricks: full, over quota, read-only, not permitted.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def _fail(message: str) -> None:
@@ -96,6 +102,7 @@ def main(argv: list[str]) -> None:
   from jaxtricks import sharding  # noqa: PLC0415
   from jaxtricks.config import flatten, override  # noqa: PLC0415
   from jaxtricks.errors import UserError  # noqa: PLC0415
+  from jaxtricks.train.loop import Preempted  # noqa: PLC0415
 
   try:
     sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -109,8 +116,16 @@ def main(argv: list[str]) -> None:
     summary = load(FLAGS.exp).run(config, workdir)
   except UserError as e:
     _fail(str(e))
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(0)
   except KeyboardInterrupt:
     _fail("interrupted")
+  except OSError as e:
+    if e.errno not in DISK_ERRNOS:
+      raise
+    _fail(f"cannot write {e.filename or 'the workdir'}: {e.strerror}; nothing after the last "
+          "checkpoint was saved")
   brief = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
   logging.info("summary: %s", json.dumps(brief, default=str))
   print(json.dumps(brief, indent=2, default=str))

@@ -34,15 +34,28 @@ class JsonlWriter:
       open(path, "w").close()
     elif os.path.exists(path):
       with open(path) as f:
-        keep = [line for line in f
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      with open(path, "w") as f:
+        keep = [line.rstrip("\n") + "\n" for line in f
+                if _step_of(line, path) <= resume_step]
+      with open(f"{path}.tmp", "w") as f:  # atomic: a kill here must not lose the log
         f.writelines(keep)
+      os.replace(f"{path}.tmp", path)
 
   def write(self, record: dict) -> None:
     if is_writer():
       with open(self.path, "a") as f:
         f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+
+def _step_of(line: str, path: str) -> float:
+  """The step of a logged line; inf (dropped) for a blank or cut-off line, such as a process
+  killed mid-write leaves behind."""
+  if not line.strip():
+    return math.inf
+  try:
+    return json.loads(line).get("step", 0)
+  except json.JSONDecodeError:
+    logging.warning("dropping a cut-off line of %s: %r", path, line[:80])
+    return math.inf
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -1,4 +1,5 @@
-"""Matplotlib figures (optional dependency: pip install 'jaxtricks[plot]')."""
+"""Matplotlib figures (optional dependency: pip install 'jaxtricks[plot]'): metric curves,
+log-log ladders and KAN networks drawn with their learned edge curves (arXiv 2404.19756)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 
 import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -72,5 +74,63 @@ def _finish(fig, ax, out_path: str, xlabel: str, ylabel: str, legend: bool) -> s
     ax.legend()
   fig.tight_layout()
   fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+  return out_path
+
+
+def edge_alphas(edge_scores_OxI: np.ndarray, beta: float = 3.0) -> np.ndarray:
+  """pykan's edge opacity tanh(beta * score), clipped to [0, 1]."""
+  return np.clip(np.tanh(beta * np.asarray(edge_scores_OxI, np.float64)), 0.0, 1.0)
+
+
+def plot_kan(inputs: Sequence[np.ndarray], edges: Sequence[np.ndarray],
+             edge_scores: Sequence[np.ndarray], out_path: str, beta: float = 3.0,
+             in_names: Sequence[str] | None = None, out_names: Sequence[str] | None = None,
+             title: str = "") -> str | None:
+  """A KAN drawn as pykan draws it (Liu et al. 2024, arXiv 2404.19756, Fig. 2.4): nodes per layer
+  from bottom to top, and for every edge (o, i) of layer l a small box with its learned curve
+  phi_oi against x_i, linked to node i below and node o above, all with alpha = tanh(beta *
+  score). Per layer: `inputs` (N, I) samples, `edges` (N, O, I) phi values, `edge_scores` (O, I)
+  attribution scores. Returns the PNG path (process 0 only)."""
+  if jax.process_index() != 0:
+    return None
+  widths = [np.shape(x)[1] for x in inputs] + [np.shape(edges[-1])[1]]
+  n_layers = len(edges)
+  n_boxes = max(int(np.prod(np.shape(e)[1:])) for e in edges)
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n_boxes + 1), 2.6 * n_layers + 0.6))
+  ax.set_xlim(0, 1)
+  ax.set_ylim(-0.15, n_layers + 0.15)
+  ax.axis("off")
+  node_x = [(np.arange(w) + 0.5) / w for w in widths]
+  for layer, w in enumerate(widths):
+    ax.scatter(node_x[layer], np.full(w, float(layer)), s=60, c="k", zorder=3)
+  for layer, (x_NxI, phi_NxOxI, score_OxI) in enumerate(zip(inputs, edges, edge_scores,
+                                                            strict=True)):
+    x_NxI, phi_NxOxI = np.asarray(x_NxI), np.asarray(phi_NxOxI)
+    n_out, n_in = phi_NxOxI.shape[1:]
+    alpha_OxI = edge_alphas(score_OxI, beta)
+    size = min(0.8 / (n_in * n_out), 0.12)
+    box_h = 0.34
+    for i in range(n_in):
+      order = np.argsort(x_NxI[:, i])
+      for o in range(n_out):
+        cx = (i * n_out + o + 0.5) / (n_in * n_out)
+        y0 = layer + 0.5 - box_h / 2
+        alpha = float(alpha_OxI[o, i])
+        ax.plot([node_x[layer][i], cx], [layer, y0], "k-", lw=0.8, alpha=alpha)
+        ax.plot([cx, node_x[layer + 1][o]], [y0 + box_h, layer + 1], "k-", lw=0.8, alpha=alpha)
+        inset = ax.inset_axes([cx - size / 2, y0, size, box_h], transform=ax.transData)
+        inset.plot(x_NxI[order, i], phi_NxOxI[order, o, i], "k-", lw=1.2, alpha=alpha)
+        inset.set_xticks([])
+        inset.set_yticks([])
+        for spine in inset.spines.values():
+          spine.set_alpha(alpha)
+  for names, layer in ((in_names, 0), (out_names, n_layers)):
+    for k, name in enumerate(names or []):
+      dy = -0.1 if layer == 0 else 0.1
+      ax.text(node_x[layer][k], layer + dy, name, ha="center", va="center", fontsize=11)
+  if title:
+    ax.set_title(title)
+  fig.savefig(out_path, dpi=100)
   plt.close(fig)
   return out_path

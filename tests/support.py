@@ -115,3 +115,73 @@ def write_text_corpus(directory: pathlib.Path, n_files: int = 24, n_bytes: int =
     sub.mkdir(parents=True, exist_ok=True)
     (sub / f"doc{i:03d}.txt").write_bytes(rng.choice(alphabet, n_bytes).tobytes())
   return str(directory / "**" / "*.txt")
+
+
+def launch_process(*flags: str, devices: int = 1, env: dict[str, str] | None = None
+                   ) -> subprocess.Popen:
+  """`python launch.py FLAGS` started in the background (for signals, several processes)."""
+  full_env = subprocess_env(devices)
+  full_env.update(env or {})
+  return subprocess.Popen([sys.executable, "launch.py", *flags], cwd=REPO, env=full_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 120) -> list[str]:
+  """Reads proc's stderr until a line containing `text`; returns the lines read (the process
+  keeps running). Raises AssertionError if it exits or times out first."""
+  import time  # noqa: PLC0415
+
+  lines, deadline = [], time.time() + timeout
+  while time.time() < deadline:
+    line = proc.stderr.readline()
+    if not line:
+      raise AssertionError(f"exited before {text!r}:\n{''.join(lines)[-3000:]}")
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f"no {text!r} within {timeout} s:\n{''.join(lines)[-3000:]}")
+
+
+def free_port() -> int:
+  import socket  # noqa: PLC0415
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def file_digests(directory: str | os.PathLike) -> dict[str, str]:
+  """{relative path: sha256} of every file under `directory` (to show nothing was changed)."""
+  import hashlib  # noqa: PLC0415
+
+  root = pathlib.Path(directory)
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def arrays_equal(a, b) -> bool:
+  """Bitwise equality of two pytrees of arrays (same structure, dtypes, values)."""
+  import jax  # noqa: PLC0415
+
+  leaves_a, tree_a = jax.tree.flatten(a)
+  leaves_b, tree_b = jax.tree.flatten(b)
+  return tree_a == tree_b and all(
+      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+      for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def launch_limited(*flags: str, file_size_limit: int, devices: int = 1
+                   ) -> subprocess.CompletedProcess:
+  """launch.py under RLIMIT_FSIZE: writing a file past `file_size_limit` bytes fails (EFBIG), as
+  on a full disk (Python ignores SIGXFSZ), whoever runs the tests. The limit is set by the child
+  itself (no fork-time hook in this multithreaded process)."""
+  code = ("import resource, runpy, sys; "
+          f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); "
+          "sys.argv = ['launch.py', *sys.argv[1:]]; "
+          "runpy.run_path('launch.py', run_name='__main__')")
+  return run_python(["-c", code, *flags], devices=devices)

@@ -4,11 +4,13 @@ command, and one-line errors without a traceback for every kind of user mistake.
 import concurrent.futures
 import json
 import math
+import os
 import shutil
 
 import numpy as np
 import pytest
 
+from jaxtricks.models.transformer import ModelConfig
 from tests import support
 
 SUMMARY_KEYS = ("exp", "steps", "params", "final_train_loss", "val_loss", "val_bits_per_byte",
@@ -94,7 +96,10 @@ def test_rerun_does_not_duplicate_metrics(rerun):
   assert support.duplicated_steps(records) == []
 
 
-# name -> (flags, devices, substrings the one error line must contain)
+# The bad-input table: name -> (flags, devices, substrings the one error line must contain).
+# Every case runs in a copy of the finished smoke workdir, which must come out unchanged. Flags may
+# name {tmp}, a fresh folder of the case. Unknown config keys given as overrides from Python:
+# tests/test_config.py; a non-finite loss: tests/train/test_loop.py and tests/test_faults.py.
 ERRORS = {
     "unknown_exp": (["--exp=nope"], 1,
                     ["unknown experiment 'nope'", "valid: lm, cla, mtp, kan"]),
@@ -102,42 +107,76 @@ ERRORS = {
                        ["no preset 'huge'", "valid: smoke, default, full"]),
     "unknown_key": (["--preset=smoke", "--model.d_modle=32"], 1,
                     ["unknown flag --model.d_modle", "did you mean --model.d_model"]),
+    "unknown_flag": (["--preset=smoke", "--stepz=3"], 1,
+                     ["unknown flag --stepz", "did you mean --steps"]),
     "bad_type": (["--preset=smoke", "--model.d_model=abc"], 1,
                  ["model.d_model: cannot parse 'abc' as int"]),
     "heads_do_not_divide": (["--preset=smoke", "--model.n_heads=3"], 1,
                             ["model.n_heads=3 does not divide model.d_model=64"]),
+    "cla_factor_above_depth": (["--preset=smoke", "--model.kv_sharing=3"], 1,
+                               ["model.kv_sharing=3 must be between 1 and the depth 2"]),
+    "sparse_n_above_m": (["--preset=smoke", "--model.sparsity=slope", "--model.sparse_n=5",
+                          "--model.sparse_m=4"], 1, ["sparse_n=5"]),
+    "kan_grid_below_1": (["--preset=smoke", "--model.mlp=kan", "--model.kan_grid=0"], 1,
+                         ["model.kan_grid=0 must be >= 1"]),
     "batch_not_divisible": (["--preset=smoke", "--train.batch_size=12"], 8,
                             ["train.batch_size=12 is not divisible by the data-parallel size 8"]),
     "empty_corpus": (["--preset=smoke", "--data.corpus=/nonexistent/*.txt"], 1,
                      ["corpus '/nonexistent/*.txt' matched no files"]),
+    "empty_corpus_files": (["--preset=smoke", "--data.corpus={tmp}/*.txt"], 1,
+                           ["holds no text: all files are empty"]),
     "resume_other_model": (["--preset=smoke", "--model.d_model=32"], 1,
                            ["holds checkpoints of a different model", "model.d_model: 64 -> 32",
                             "use another --workdir"]),
+    "workdir_read_only": (["--preset=smoke"], 1, ["is not writable: Permission denied"]),
+    "workdir_full": (["--preset=smoke"], 1, ["is not writable: File too large"]),
 }
+SKIPS = {  # name -> reason, where the case cannot run here
+    "sparse_n_above_m": (None if hasattr(ModelConfig(), "sparse_n")
+                         else "model.sparse_n is not a config field yet"),
+    "workdir_read_only": ("root ignores file permissions" if os.geteuid() == 0 else None),
+}
+CASES = [pytest.param(name, marks=pytest.mark.skipif(bool(SKIPS.get(name)),
+                                                     reason=SKIPS.get(name) or ""))
+         for name in ERRORS]
 
 
 @pytest.fixture(scope="module")
 def error_runs(smoke_run, tmp_path_factory):
-  """Every case of ERRORS, two at a time (they are short and mostly single-threaded)."""
+  """Every case of ERRORS that can run here, two at a time (short, mostly single-threaded)."""
   base = tmp_path_factory.mktemp("errors")
-  other_model = base / "resume_other_model"
-  shutil.copytree(smoke_run.workdir, other_model)
 
   def run(name):
     flags, devices, _ = ERRORS[name]
-    workdir = other_model if name == "resume_other_model" else base / name
-    return support.launch(*flags, f"--workdir={workdir}", devices=devices)
+    workdir, tmp = base / name / "run", base / name / "tmp"
+    shutil.copytree(smoke_run.workdir, workdir)
+    tmp.mkdir()
+    for i in range(3):
+      (tmp / f"empty{i}.txt").write_bytes(b"")
+    flags = [f.format(tmp=tmp) for f in flags] + [f"--workdir={workdir}"]
+    if name == "workdir_full":  # no file can grow: as on a full disk
+      return support.launch_limited(*flags, file_size_limit=0, devices=devices)
+    if name == "workdir_read_only":
+      for path in (workdir, *workdir.rglob("*")):
+        path.chmod(path.stat().st_mode & ~0o222)
+      try:
+        return support.launch(*flags, devices=devices)
+      finally:
+        for path in (workdir, *workdir.rglob("*")):
+          path.chmod(path.stat().st_mode | 0o200)
+    return support.launch(*flags, devices=devices)
 
+  names = [name for name in ERRORS if not SKIPS.get(name)]
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    procs = dict(zip(ERRORS, pool.map(run, ERRORS), strict=True))
-  return procs, other_model
+    procs = dict(zip(names, pool.map(run, names), strict=True))
+  return procs, base
 
 
-@pytest.mark.parametrize("name", list(ERRORS))
+@pytest.mark.parametrize("name", CASES)
 def test_user_error_is_one_clear_line_without_traceback(error_runs, name):
   procs, _ = error_runs
   proc = procs[name]
-  assert proc.returncode not in (0, None), support.describe(proc)
+  assert proc.returncode == 2, support.describe(proc)
   assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
   error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(error_lines) == 1, support.describe(proc)
@@ -146,8 +185,15 @@ def test_user_error_is_one_clear_line_without_traceback(error_runs, name):
     assert text in error_lines[0], support.describe(proc)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_leaves_the_workdir_and_its_checkpoints_untouched(error_runs, smoke_run, name):
+  _, base = error_runs
+  assert support.file_digests(base / name / "run") == support.file_digests(smoke_run.workdir)
+
+
 def test_refused_resume_leaves_the_workdir_untouched(error_runs, smoke_run):
-  _, workdir = error_runs
+  _, base = error_runs
+  workdir = base / "resume_other_model" / "run"
   assert json.loads((workdir / "config.json").read_text()) == smoke_run.config
   assert support.read_jsonl(workdir / "metrics.jsonl") == smoke_run.metrics
 

@@ -44,6 +44,7 @@ class KANLayer(nn.Module):
   axes: tuple[str, str] = ("kan_in", "kan_out")
   dtype: str = "float32"
   param_dtype: str = "float32"
+  analytic_grad: bool = True   # B-spline input gradient by the analytic derivative (custom VJP)
 
   def knots(self, n_in: int) -> jnp.ndarray:
     uniform = lambda: kan.uniform_grid(n_in, self.grid_size, self.order, *self.grid_range,
@@ -53,13 +54,17 @@ class KANLayer(nn.Module):
     return uniform()
 
   def bases(self, x_NxI: jnp.ndarray) -> jnp.ndarray:
+    """Basis values as planes (N, J, I), the matmul form's layout."""
     lo, hi = self.grid_range
     if self.basis == "bspline":
-      return kan.bspline_basis(x_NxI, self.knots(x_NxI.shape[-1]), self.order)
+      return kan.bspline_planes(x_NxI, self.knots(x_NxI.shape[-1]), self.order,
+                                self.analytic_grad)
     if self.basis == "rbf":
       centres = jnp.linspace(lo, hi, self.grid_size, dtype=x_NxI.dtype)
-      return kan.rbf_basis(x_NxI, centres, (hi - lo) / max(self.grid_size - 1, 1))
-    return kan.chebyshev_basis(x_NxI, self.grid_size)
+      basis_NxIxJ = kan.rbf_basis(x_NxI, centres, (hi - lo) / max(self.grid_size - 1, 1))
+    else:
+      basis_NxIxJ = kan.chebyshev_basis(x_NxI, self.grid_size)
+    return jnp.swapaxes(basis_NxIxJ, 1, 2)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, return_edges: bool = False):
@@ -90,11 +95,12 @@ class KANLayer(nn.Module):
       w_base, w_spline = w_base * mask, w_spline * mask
     lead = x.shape[:-1]
     x_NxI = x.reshape(-1, n_in).astype(dtype)
-    basis_NxIxJ = self.bases(x_NxI)
-    args = (x_NxI, basis_NxIxJ, coef.astype(dtype), w_base.astype(dtype), w_spline.astype(dtype))
-    y_NxO = kan.kan_matmul(*args)
-    y = y_NxO.reshape(*lead, self.features)
-    return (y, kan.kan_edges(*args)) if return_edges else y
+    basis_NxJxI = self.bases(x_NxI)
+    weights = (coef.astype(dtype), w_base.astype(dtype), w_spline.astype(dtype))
+    y = kan.kan_matmul_planes(x_NxI, basis_NxJxI, *weights).reshape(*lead, self.features)
+    if not return_edges:
+      return y
+    return y, kan.kan_edges(x_NxI, jnp.swapaxes(basis_NxJxI, 1, 2), *weights)
 
 
 class KANFeedForward(nn.Module):

@@ -33,12 +33,13 @@ class KAN(nn.Module):
   base_mu: float = 0.0
   base_sigma: float = 1.0
   dtype: str = "float32"       # 'float64' with jax_enable_x64 for function fitting to 1e-5
+  analytic_grad: bool = True   # B-spline input gradients by the analytic derivative
 
   def layer_kwargs(self) -> dict:
     return dict(grid_size=self.grid_size, order=self.order, grid_range=self.grid_range,
                 basis=self.basis, init_style=self.init_style, noise_scale=self.noise_scale,
                 base_mu=self.base_mu, base_sigma=self.base_sigma, dtype=self.dtype,
-                param_dtype=self.dtype)
+                param_dtype=self.dtype, analytic_grad=self.analytic_grad)
 
   @nn.compact
   def __call__(self, x_NxI: jnp.ndarray, return_edges: bool = False):
@@ -57,7 +58,8 @@ class KAN(nn.Module):
 
 
 def init_variables(model: KAN, rng: jax.Array) -> dict:
-  return nn.unbox(model.init(rng, jnp.zeros((1, model.widths[0]), model.dtype)))
+  x = jnp.zeros((1, model.widths[0]), model.dtype)
+  return nn.unbox(jax.jit(model.init)(rng, x))  # compiled: see `forward`
 
 
 def refine(model: KAN, variables: dict, x_NxI: jnp.ndarray, grid_size: int | None = None,
@@ -68,21 +70,42 @@ def refine(model: KAN, variables: dict, x_NxI: jnp.ndarray, grid_size: int | Non
   if model.basis != "bspline":
     raise ValueError(f"grid updates need the B-spline basis, this KAN uses {model.basis!r}")
   new_model = dataclasses.replace(model, grid_size=grid_size or model.grid_size)
-  _, inputs, _ = model.apply(variables, x_NxI, return_edges=True)
-  params = jax.tree.map(lambda x: x, variables["params"])
-  grids = jax.tree.map(lambda x: x, variables["grid"])
-  for layer, x_in in enumerate(inputs):
-    name = f"layer_{layer}"
-    p, old = params[name], grids[name]["knots"]
-    values = kan.spline_values(x_in, old, p["coef"], model.order)
-    new = kan.grid_from_samples(x_in, new_model.grid_size, model.order, grid_eps)
-    params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
-    grids[name] = dict(grids[name], knots=new)  # a pruning mask stays
+  params, grids = _refitter(model, new_model.grid_size, float(grid_eps), float(ridge))(
+      variables["params"], variables["grid"], x_NxI)
   return new_model, {"params": params, "grid": grids}
 
 
+@functools.lru_cache(maxsize=64)
+def _refitter(model: KAN, grid_size: int, grid_eps: float, ridge: float):
+  """One compiled program per (model, new G) instead of op-by-op dispatch."""
+  @jax.jit
+  def run(params, grids, x_NxI):
+    _, inputs, _ = model.apply({"params": params, "grid": grids}, x_NxI, return_edges=True)
+    params, grids = dict(params), dict(grids)
+    for layer, x_in in enumerate(inputs):
+      name = f"layer_{layer}"
+      p, old = params[name], grids[name]["knots"]
+      values = kan.spline_values(x_in, old, p["coef"], model.order)
+      new = kan.grid_from_samples(x_in, grid_size, model.order, grid_eps)
+      params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
+      grids[name] = dict(grids[name], knots=new)  # a pruning mask stays
+    return params, grids
+  return run
+
+
+def forward(model: KAN, variables: dict, x_NxI: jnp.ndarray, return_edges: bool = False):
+  """`model.apply` as one compiled program per (model, return_edges, shapes): applied eagerly, a
+  KAN compiles each of its many small primitives separately, which dominated short runs."""
+  return _forward(model, return_edges)(variables, x_NxI)
+
+
+@functools.lru_cache(maxsize=128)
+def _forward(model: KAN, return_edges: bool):
+  return jax.jit(lambda variables, x_NxI: model.apply(variables, x_NxI, return_edges))
+
+
 def mse(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray) -> jnp.ndarray:
-  return jnp.mean(jnp.square(model.apply(variables, x_NxI) - y_NxO))
+  return jnp.mean(jnp.square(forward(model, variables, x_NxI) - y_NxO))
 
 
 def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, steps: int,

@@ -4,8 +4,10 @@ Edge magnitude |phi|_1 = mean_n |phi(x_n)| over samples. Regularisation (eq. 2.1
     L1 of a layer = sum of its edges' |phi|_1,
     entropy of a layer = sum over output nodes o of -sum_i p_oi log p_oi, p_oi = |phi_oi|_1 / sum_i,
     loss += lamb * (lamb_l1 * sum L1 + lamb_entropy * sum entropy);
-or the cheap coefficient form (efficient-kan), where |phi|_1 is replaced by
-|w_s| mean_j |c_j| + |w_b|, with no forward pass over samples.
+pykan's form, where |phi|_1 is replaced by std_n(phi) / (std_n(x) + 0.1) (blind to constant
+offsets, as the attribution scores are: with it and lamb_entropy = 10 the hellokan network
+prunes, with mean |phi| it did not); or the cheap coefficient form (efficient-kan), where |phi|_1
+is replaced by |w_s| mean_j |c_j| + |w_b|, with no forward pass over samples.
 A hidden node is kept when its attribution score exceeds `node_threshold` (pykan's current
 rule), or, with by='l1', when its largest incoming and largest outgoing |phi|_1 both exceed it
 (1e-2 in the paper); `prune` returns a smaller network that computes the same
@@ -21,13 +23,22 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtricks.models.kan import KAN
+from jaxtricks.models.kan import KAN, forward
 
 
 def edge_l1(model: KAN, variables: dict, x_NxI: jnp.ndarray) -> list[jnp.ndarray]:
   """Per layer, (O, I) mean |phi| over the samples."""
-  _, _, edges = model.apply(variables, x_NxI, return_edges=True)
+  _, _, edges = forward(model, variables, x_NxI, return_edges=True)
   return [jnp.mean(jnp.abs(phi), axis=0) for phi in edges]
+
+
+def edge_std(model: KAN, variables: dict, x_NxI: jnp.ndarray) -> list[jnp.ndarray]:
+  """Per layer, (O, I) std_n(phi) / (std_n(x_i) + 0.1): pykan's edge scale, blind to constant
+  offsets, which the attribution scores (and so pruning) ignore too."""
+  _, inputs, edges = forward(model, variables, x_NxI, return_edges=True)
+  # sqrt(var + tiny): a finite gradient (zero) for dead, constant edges, where std's is NaN.
+  std = lambda a: jnp.sqrt(jnp.var(a, axis=0) + 1e-20)
+  return [std(phi) / (std(x)[None] + 0.1) for x, phi in zip(inputs, edges, strict=True)]
 
 
 def coef_l1(params: dict, n_layers: int) -> list[jnp.ndarray]:
@@ -57,15 +68,17 @@ class Regularizer:
   lamb: float = 1e-2
   lamb_l1: float = 1.0
   lamb_entropy: float = 2.0
-  form: str = "sample"  # sample (the paper) | coef (no forward pass)
+  form: str = "sample"  # sample (the paper's mean |phi|) | std (pykan's) | coef (no forward pass)
 
   def __call__(self, params: dict, grid: dict, x_NxI: jnp.ndarray) -> jnp.ndarray:
     if self.form == "sample":
       l1s = edge_l1(self.model, {"params": params, "grid": grid}, x_NxI)
+    elif self.form == "std":
+      l1s = edge_std(self.model, {"params": params, "grid": grid}, x_NxI)
     elif self.form == "coef":
       l1s = coef_l1(params, len(self.model.widths) - 1)
     else:
-      raise ValueError(f"regularisation form must be 'sample' or 'coef', got {self.form!r}")
+      raise ValueError(f"regularisation form must be 'sample', 'std' or 'coef', got {self.form!r}")
     l1, entropy = _l1_and_entropy(l1s)
     return self.lamb * (self.lamb_l1 * l1 + self.lamb_entropy * entropy)
 
@@ -73,7 +86,7 @@ class Regularizer:
 def attribution(model: KAN, variables: dict, x_NxI: jnp.ndarray,
                 eps: float = 1e-4) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """(node scores per layer, inputs first; edge scores (O, I) per layer)."""
-  y, _, edges = model.apply(variables, x_NxI, return_edges=True)
+  y, _, edges = forward(model, variables, x_NxI, return_edges=True)
   outs = [phi.sum(-1) for phi in edges]  # each layer's output (N, O)
   score = np.ones(y.shape[-1])
   node_scores, edge_scores = [score], []

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxtricks.models.kan import KAN
+from jaxtricks.models.kan import KAN, forward
 
 # name -> (numpy function, sympy builder (called with the sympy module and the argument),
 # complexity)
@@ -97,7 +97,7 @@ def suggest(x: np.ndarray, y: np.ndarray, names: tuple[str, ...] | None = None) 
 
 def edge_samples(model: KAN, variables: dict, x_NxI: jnp.ndarray):
   """Per layer: the layer's inputs (N, I) and its edge outputs phi (N, O, I), as numpy."""
-  _, inputs, edges = model.apply(variables, x_NxI, return_edges=True)
+  _, inputs, edges = forward(model, variables, x_NxI, return_edges=True)
   return [(np.asarray(i, np.float64), np.asarray(e, np.float64)) for i, e in zip(
       inputs, edges, strict=True)]
 

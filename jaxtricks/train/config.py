@@ -28,6 +28,7 @@ class TrainConfig:
   ckpt_every: int = 500         # 0: only at the end
   keep_checkpoints: int = 2
   async_checkpoints: bool = True
+  skip_nonfinite: bool = False  # True: a NaN/inf step is skipped (update dropped), not fatal
 
   def validate(self) -> None:
     for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):

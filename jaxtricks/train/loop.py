@@ -11,12 +11,17 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from jaxtricks import metrics as mlog
 from jaxtricks import sharding
@@ -34,6 +39,70 @@ from jaxtricks.train.state import TrainState, count_params, init_state, state_sh
 
 class NonFiniteLoss(UserError):
   """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class WorkdirError(UserError):
+  """The workdir cannot be written or has no room for a checkpoint."""
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: launch.py exits 0)
+  """SIGTERM or the cluster's preemption notice arrived; a checkpoint was saved at `step`."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; rerun the "
+                     "same command to resume")
+    self.step = step
+
+
+class _PreemptionWatch:
+  """Notices a preemption request at a step boundary. One process: a SIGTERM handler sets a flag.
+  Several: JAX's preemption sync point (which listens for SIGTERM itself, as on TPU pods) picks
+  a step at which every process saves."""
+
+  def __init__(self):
+    self.requested = False
+    self._multi = jax.process_count() > 1
+    self._previous = None
+
+  def __enter__(self) -> _PreemptionWatch:
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir that cannot be written (read-only, full) before anything is touched."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=workdir)
+    try:
+      os.write(fd, b"0")
+    finally:
+      os.close(fd)
+      os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def check_free_space(workdir: str, abstract_state: Any) -> None:
+  """A checkpoint needs about the state's size on disk; ask for twice that, to save safely."""
+  need = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise WorkdirError(f"workdir {workdir} has {free / 2**20:.1f} MiB free; checkpoints of this "
+                       f"model need about {need / 2**20:.1f} MiB")
 
 
 @dataclasses.dataclass
@@ -77,7 +146,15 @@ def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
 
 
 def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
-  """Trains (or resumes) the model of `config` in `workdir`; returns the state and summary."""
+  """Trains (or resumes) the model of `config` in `workdir`; returns the state and summary.
+
+  Raises Preempted after saving a checkpoint when SIGTERM arrives (from the start of this call,
+  compilation included); NonFiniteLoss on a NaN/inf loss unless train.skip_nonfinite."""
+  with _PreemptionWatch() as watch:
+    return _train(config, workdir, exp, watch)
+
+
+def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> RunResult:
   t_start = time.time()
   config.validate()
   tc = config.train
@@ -87,21 +164,23 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
     raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the data-parallel "
                       f"size {dp} (mesh.data * mesh.fsdp)")
   source = make_source(config.data, tc.seq_len)
-  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir)
   model = Transformer(config.model)
-  tx = make_optimizer(tc)
+  tx = make_optimizer(tc, model)
   schedule = lr_schedule(tc)
   loss_fn = LOSSES[tc.loss]
   abstract, shardings = state_shardings(model, tx, tc.seq_len, mesh)
+  check_free_space(workdir, abstract)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
                       tc.async_checkpoints)
-  start = ckpt.latest_step()
-  resumed = start is not None
-  start = start or 0
-  if resumed:
+  if ckpt.all_steps():
     check_resumable(workdir, config)
-    state, meta = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
+  restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+  resumed = restored is not None
+  start = 0
+  if resumed:
+    start, state, meta = restored
     if meta.get("seed") != tc.seed:
       logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"),
                       tc.seed)
@@ -117,8 +196,8 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
 
   data_sharding = sharding.batch_sharding(mesh)
   pid, pcount = jax.process_index(), jax.process_count()
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, loss_fn, schedule),
-                                       shardings, mesh)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(model, tx, loss_fn, schedule, tc.skip_nonfinite), shardings, mesh)
   eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, loss_fn), shardings, mesh)
   val = [_to_global(b, data_sharding, tc.batch_size)
          for b in source.eval_batches(tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
@@ -126,22 +205,29 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
   tokens_per_step = tc.batch_size * tc.seq_len
   recent = collections.deque(maxlen=max(1, min(tc.log_every or 1, 50)))
   last_good = start
+  skipped: list[int] = []
   clock = {"t0": None, "steps0": 0, "t_log": time.time(), "n_log": 0}
 
   def handle(done: int, metrics: dict) -> None:
     values = {k: float(v) for k, v in metrics.items()}
-    if not math.isfinite(values["loss"]):
+    bad = not math.isfinite(values["loss"]) or values.get("skipped", 0) > 0
+    if bad and not tc.skip_nonfinite:
       kept = (f"the last good checkpoint (step {last_good}) is kept in {ckpt.directory}"
               if last_good else "no checkpoint had been saved")
       raise NonFiniteLoss(f"loss is {values['loss']} at step {done}; training stopped and {kept}")
-    recent.append(values["loss"])
+    if bad:
+      skipped.append(done)
+      logging.warning("step %d: loss %s, grad_norm %s; batch skipped, update discarded "
+                      "(train.skip_nonfinite)", done, values["loss"], values["grad_norm"])
+    else:
+      recent.append(values["loss"])
     now = time.time()
     first = done == start + 1  # includes compilation: throughput is timed from its end
     if first:
       clock["t0"], clock["steps0"], clock["t_log"], clock["n_log"] = now, done, now, 0
     else:
       clock["n_log"] += 1
-    if (tc.log_every and done % tc.log_every == 0) or done == tc.steps or first:
+    if ((tc.log_every and done % tc.log_every == 0) or done == tc.steps or first) and not bad:
       tps = clock["n_log"] * tokens_per_step / (now - clock["t_log"]) if clock["n_log"] else None
       clock["t_log"], clock["n_log"] = now, 0
       eta = (tc.steps - done) * tokens_per_step / tps if tps else None
@@ -155,18 +241,22 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
     last_good = done
 
   pending = None
+  preempted = False
   try:
     for s in range(start, tc.steps):
-      batch = _to_global(source.train_batch(tc.seed, s, tc.batch_size, tc.seq_len, pid, pcount),
-                         data_sharding, tc.batch_size)
+      batch = _to_global(source.train_batch(tc.seed, s, tc.batch_size, tc.seq_len, pid,
+                                            pcount), data_sharding, tc.batch_size)
       state, metrics = train_step(state, batch)
       if pending is not None:
         handle(*pending)  # read step s-1's metrics only after step s is dispatched
       pending, done = (s + 1, metrics), s + 1
-      if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps:
+      preempted = watch.reached(done) and done != tc.steps
+      if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps or preempted:
         handle(*pending)
         pending = None
         save(done)
+      if preempted:
+        break
       if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
         val_metrics = evaluate(eval_step, state.params, val)
         writer.write(dict(step=done, **{f"val_{k}": v for k, v in val_metrics.items()}))
@@ -176,6 +266,8 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
   finally:
     ckpt.wait()  # an error must not leave a half-written checkpoint behind
     ckpt.close()
+  if preempted:
+    raise Preempted(last_good, ckpt.directory)
   t_end = time.time()
 
   final = evaluate(eval_step, state.params, val)
@@ -199,6 +291,8 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
       "processes": jax.process_count(),
       "config": flatten(config),
   }
+  if tc.skip_nonfinite:
+    summary["skipped_steps"] = skipped
   return RunResult(state, model, summary, source, mesh)
 
 

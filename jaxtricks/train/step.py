@@ -15,14 +15,23 @@ from jaxtricks.train.state import TrainState
 
 
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, skip_nonfinite: bool = False) -> Callable:
+  """With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old
+  parameters and optimizer state (decided on device: no host sync); only the step advances, and
+  metrics['skipped'] is 1."""
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng), has_aux=True)
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    grad_norm = optax.tree.norm(grads)
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step))
+    if skip_nonfinite:
+      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
   return step

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import lm
 from jaxtricks.layers.kan import KANLayer, n_basis
 from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
 from jaxtricks.models.kan_prune import Regularizer, attribution, edge_l1, prune, prune_edges
-from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.models.transformer import Transformer
 from jaxtricks.ops import kan
 from jaxtricks.train.losses import LOSSES
 
@@ -76,8 +77,9 @@ def test_grid_update_and_extension_keep_the_function(trained, grid_size):
   assert new_vars["grid"]["layer_1"]["knots"].shape == (1, grid_size + 7)
   before = model.apply(variables, X)
   after = new_model.apply(new_vars, X)
-  # The refit is least squares on the samples; going finer it is nearly exact.
-  tol = 5e-2 if grid_size == 3 else 5e-3
+  # The refit is least squares on the samples; going finer it is nearly exact, while moving a
+  # coarse grid to the samples' quantiles changes the curve a little (outputs are 1..7).
+  tol = 8e-2 if grid_size == 3 else 5e-3
   assert float(jnp.sqrt(jnp.mean(jnp.square(after - before)))) < tol
   assert float(mse(new_model, new_vars, X, Y)) < float(mse(model, variables, X, Y)) + tol ** 2
 
@@ -114,15 +116,20 @@ def test_refine_needs_bsplines(trained):
 
 
 def test_kan_feed_forward_in_the_transformer_trains():
-  cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, mlp="kan", kan_grid=4)
+  """The `--exp=lm --preset=kan` model, shrunk: KAN blocks build, and SGD lowers the loss."""
+  preset = lm.get_config("kan")
+  preset.validate()
+  assert preset.model.mlp == "kan" and preset.model.d_ff == 64
+  cfg = dataclasses.replace(preset.model, vocab_size=32, d_model=32, d_ff=16, n_layers=2,
+                            kan_grid=4)
   model = Transformer(cfg)
   tokens = jnp.asarray(RNG.integers(0, 32, (4, 17)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
-  assert params["block_0"]["mlp"]["up"]["coef"].shape == (32, 32, 4 + 3)
+  assert params["block_0"]["mlp"]["up"]["coef"].shape == (32, 16, 4 + 3)
   loss = jax.jit(jax.value_and_grad(lambda p: LOSSES["lm"](model, p, batch, None)[0]))
   first, _ = loss(params)
-  for _ in range(10):
+  for _ in range(5):
     value, grads = loss(params)
     params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
   assert bool(jnp.isfinite(value)) and float(loss(params)[0]) < float(first)
@@ -151,7 +158,7 @@ def test_prune_removes_dead_nodes_and_keeps_the_function():
 def test_regularisation_and_attribution():
   model = KAN((2, 5, 1), grid_size=4)
   variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
-  for form in ("sample", "coef"):
+  for form in ("sample", "std", "coef"):
     reg = Regularizer(model, lamb=1.0, form=form)
     value = reg(variables["params"], variables["grid"], X)
     grads = jax.grad(reg)(variables["params"], variables["grid"], X)
