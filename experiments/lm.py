@@ -14,7 +14,8 @@ extra installed).
 (Liu et al. 2024, arXiv 2404.19756): two KAN layers 128 -> 64 -> 128 on RMS-normalised inputs,
 B-splines with G = 5, k = 3 on [-3, 3] (model.mlp=kan, model.d_ff=64). That matches SwiGLU's
 matmul FLOPs per token within 10% (2 x 2 x 128 x 64 x (G + k + 1) against 3 x 2 x 128 x 352) with
-164k parameters per block against 135k.
+164k parameters per block against 135k. Measured (2-core CPU): val_bits_per_byte 2.33 against
+SwiGLU's 2.03 at equal steps, 984,192 parameters, 3.5 minutes (8.3k tokens/s).
 """
 
 from __future__ import annotations

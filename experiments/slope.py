@@ -1,7 +1,7 @@
 """SLoPe: double-pruned N:M sparse pretraining with lazy low-rank adapters (Mozaffari et al. 2024,
 arXiv 2405.16325) against dense training, SR-STE and a dense model of half the width.
 
-    python launch.py --exp=slope                 # default preset, about 6 minutes on 2 CPU cores
+    python launch.py --exp=slope                 # default preset, about 8 minutes on 2 CPU cores
     python launch.py --exp=slope --preset=smoke
 
 Trains, with equal steps and tokens on the embedded corpus: `dense`; `slope` (2:4 static masks,
