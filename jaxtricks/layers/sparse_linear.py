@@ -38,6 +38,7 @@ class NMSpec:
   rank: int = 0
   backend: str = "masked_dense"
   double_prune: bool = True   # SLoPe's pruned input gradient; False: exact (ablation)
+  mask_change_freq: int = 1   # > 1: the transposed mask C is a parameter the optimizer refreshes
 
 
 @struct.dataclass
@@ -86,8 +87,11 @@ class SparseLinear(Linear):
       # The static mask: pruned entries are exactly zero, kept ones never are (measure zero).
       row_mask_IxO = jax.lax.stop_gradient(sparsity.nm_mask(w_IxO, spec.n, spec.m, axis=0))
       scale = spec.m / spec.n if spec.rescale else 1.0
+      col_mask_IxO = None
+      if spec.double_prune and spec.mask_change_freq > 1:
+        col_mask_IxO = self._held_col_mask(w_IxO)
       y_RxO = sparsity.slope_matmul(x_RxI, w_IxO, row_mask_IxO, spec.n, spec.m, scale,
-                                    spec.backend, spec.double_prune)
+                                    spec.backend, spec.double_prune, col_mask_IxO)
     else:
       y_RxO = sparsity.srste_matmul(x_RxI, w_IxO, spec.n, spec.m, spec.decay)
     if spec.rank:
@@ -98,6 +102,23 @@ class SparseLinear(Linear):
       r_RxO = self.param("adapter_r", nn.initializers.zeros, (spec.rank, n_out), pdtype)
       y_RxO = y_RxO + (x_RxI @ l_IxR.astype(dtype)) @ r_RxO.astype(dtype) / spec.rank
     return y_RxO.reshape(*batch_shape, *self.features)
+
+  def _held_col_mask(self, w_IxO: jnp.ndarray) -> jnp.ndarray:
+    """C held between refreshes: the `col_positions` parameter (no gradient; the optimizer
+    overwrites it every mask_change_freq steps, see jaxtricks.train.sparse_optimizer)."""
+    n, m = self.spec.n, self.spec.m
+    packed = self.param("col_positions", lambda _: col_positions(w_IxO, n, m))
+    n_in, n_out = w_IxO.shape
+    pos = sparsity.unpack_float(jax.lax.stop_gradient(packed), sparsity.index_bits(m),
+                                n_in * n_out // m * n).reshape(n_in, n_out // m, n)
+    return sparsity.kept_mask(pos, (n_in, n_out), n, m, axis=1)
+
+
+def col_positions(w_IxO: jnp.ndarray, n: int, m: int) -> jnp.ndarray:
+  """The transposed N:M mask C of a (row-pruned) kernel, as float-packed kept positions."""
+  mask_IxO = sparsity.nm_mask(w_IxO, n, m, axis=1)
+  pos = sparsity.kept_positions(mask_IxO, n, m, axis=1)
+  return sparsity.pack_float(pos, sparsity.index_bits(m))
 
 
 def merge_adapters(kernel: jnp.ndarray, l_IxR: jnp.ndarray, r_RxO: jnp.ndarray,

@@ -69,6 +69,7 @@ class ModelConfig:
   sparse_rescale: bool = False  # scale kept weights by M/N
   srste_decay: float = 2e-4    # SR-STE's lambda_w
   sparse_backward: str = "double"  # slope: double (pruned input gradient) | exact (ablation)
+  mask_change_freq: int = 1    # slope: recompute the transposed mask every k steps (1: each step)
   adapter_rank: int = 0        # SLoPe lazy low-rank adapters (0: none) on every pruned linear
   adapter_start: float = 0.99  # fraction of train.steps after which the adapters train
 
@@ -124,7 +125,8 @@ class ModelConfig:
     if nm is None or target not in self.sparse_targets:
       return None
     return NMSpec(nm[0], nm[1], self.sparsity, self.sparse_rescale, self.srste_decay,
-                  self.adapter_rank, double_prune=self.sparse_backward == "double")
+                  self.adapter_rank, double_prune=self.sparse_backward == "double",
+                  mask_change_freq=self.mask_change_freq)
 
   @property
   def ff_dim(self) -> int:
@@ -182,6 +184,8 @@ class ModelConfig:
                         f"{', '.join(METHODS)}")
     if self.sparsity == "none":
       return
+    if self.mask_change_freq < 1:
+      raise ConfigError(f"model.mask_change_freq must be >= 1, got {self.mask_change_freq}")
     if self.sparse_backward not in ("double", "exact"):
       raise ConfigError(f"model.sparse_backward={self.sparse_backward!r} is unknown; valid: "
                         "double, exact")

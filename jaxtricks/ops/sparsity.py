@@ -74,28 +74,32 @@ SPARSE_MATMULS: dict[str, Callable] = {"masked_dense": _masked_dense}
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def slope_matmul(x_RxI: jnp.ndarray, w_IxO: jnp.ndarray, row_mask_IxO: jnp.ndarray, n: int,
                  m: int, scale: float = 1.0, backend: str = "masked_dense",
-                 double: bool = True) -> jnp.ndarray:
+                 double: bool = True, col_mask_IxO: jnp.ndarray | None = None) -> jnp.ndarray:
   """SLoPe's double-pruned linear y = scale * x (w * R) (module docstring). `scale` = M/N
   rescales the kept weights (optional); `backend` names the N:M matmul in SPARSE_MATMULS;
-  double=False gives the exact input gradient dy (w * R)^T (an ablation of the double pruning)."""
+  `col_mask_IxO` is a held transposed mask C (default: recomputed from w); double=False gives the
+  exact input gradient dy (w * R)^T (an ablation of the double pruning)."""
   w_r = jnp.where(row_mask_IxO, w_IxO, 0).astype(x_RxI.dtype)
   return SPARSE_MATMULS[backend](x_RxI, w_r, n, m) * scale
 
 
-def _slope_fwd(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend, double):
-  y = slope_matmul(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend, double)
-  return y, (x_RxI, w_IxO, row_mask_IxO)
+def _slope_fwd(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend, double, col_mask_IxO):
+  y = slope_matmul(x_RxI, w_IxO, row_mask_IxO, n, m, scale, backend, double, col_mask_IxO)
+  return y, (x_RxI, w_IxO, row_mask_IxO, col_mask_IxO)
 
 
 def _slope_bwd(n, m, scale, backend, double, res, dy_RxO):
-  x_RxI, w_IxO, row_mask_IxO = res
+  x_RxI, w_IxO, row_mask_IxO, col_mask_IxO = res
   dw_IxO = jnp.where(row_mask_IxO, x_RxI.T @ dy_RxO, 0) * scale
+  w_r_IxO = jnp.where(row_mask_IxO, w_IxO, 0)
   if double:
-    w_rc_OxI = double_prune(w_IxO, row_mask_IxO, n, m).T.astype(dy_RxO.dtype)
+    if col_mask_IxO is None:
+      col_mask_IxO = nm_mask(w_r_IxO, n, m, axis=1)
+    w_rc_OxI = jnp.where(col_mask_IxO, w_r_IxO, 0).T.astype(dy_RxO.dtype)
     dx_RxI = SPARSE_MATMULS[backend](dy_RxO, w_rc_OxI, n, m) * scale
   else:  # w * R is not N:M along O: a dense matmul
-    dx_RxI = dy_RxO @ jnp.where(row_mask_IxO, w_IxO, 0).T.astype(dy_RxO.dtype) * scale
-  return dx_RxI.astype(x_RxI.dtype), dw_IxO.astype(w_IxO.dtype), None
+    dx_RxI = dy_RxO @ w_r_IxO.T.astype(dy_RxO.dtype) * scale
+  return dx_RxI.astype(x_RxI.dtype), dw_IxO.astype(w_IxO.dtype), None, None
 
 
 slope_matmul.defvjp(_slope_fwd, _slope_bwd)
@@ -163,6 +167,24 @@ def unpack_bits(packed: jnp.ndarray, bits: int, count: int) -> jnp.ndarray:
   shifts = (jnp.arange(per_byte) * bits).astype(jnp.uint8)
   fields = (packed[:, None] >> shifts) & jnp.uint8((1 << bits) - 1)
   return fields.reshape(-1)[:count].astype(jnp.int32)
+
+
+FLOAT_BITS = 24  # integers below 2**24 are exact in float32, so updates new - old stay exact
+
+
+def pack_float(idx: jnp.ndarray, bits: int) -> jnp.ndarray:
+  """Small non-negative ints packed `bits` each into float32 integers below 2**24: positions that
+  live among the parameters and that the optimizer can overwrite exactly (p + (new - p))."""
+  per = FLOAT_BITS // bits
+  flat = idx.reshape(-1).astype(jnp.int32)
+  flat = jnp.pad(flat, (0, -flat.size % per)).reshape(-1, per)
+  return jnp.sum(flat << (jnp.arange(per) * bits), axis=-1).astype(jnp.float32)
+
+
+def unpack_float(packed: jnp.ndarray, bits: int, count: int) -> jnp.ndarray:
+  per = FLOAT_BITS // bits
+  fields = (packed.astype(jnp.int32)[:, None] >> (jnp.arange(per) * bits)) & ((1 << bits) - 1)
+  return fields.reshape(-1)[:count]
 
 
 def kept_positions(mask: jnp.ndarray, n: int, m: int, axis: int) -> jnp.ndarray:

@@ -51,5 +51,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module | None = None
     first.append(optax.clip_by_global_norm(cfg.grad_clip))
   tx = optax.chain(*first, core) if first else core
   if mc is not None and getattr(mc, "sparsity", "none") == "slope":
-    tx = sparse_optimizer.keep_nm_sparse(tx, nm_leaves(model))
+    leaves = nm_leaves(model)
+    tx = sparse_optimizer.keep_nm_sparse(tx, leaves)
+    if mc.mask_change_freq > 1 and mc.sparse_backward == "double":
+      tx = sparse_optimizer.refresh_col_masks(tx, mc.mask_change_freq, leaves)
   return tx

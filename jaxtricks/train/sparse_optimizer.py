@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxtricks.layers.sparse_linear import ADAPTER_NAMES, NMLeaf
+from jaxtricks.layers.sparse_linear import ADAPTER_NAMES, NMLeaf, col_positions
 from jaxtricks.ops import sparsity
 
 Path = tuple[str, ...]  # a parameter's keys, as flax.traverse_util.flatten_dict gives them
@@ -121,3 +121,33 @@ def zero_until(start: int, where: Callable[[Any], Any]) -> optax.GradientTransfo
     return updates, optax.ScaleByScheduleState(count=state.count + 1)
 
   return optax.GradientTransformation(init, update)
+
+
+class RefreshState(NamedTuple):
+  count: jnp.ndarray
+  inner: Any
+
+
+def refresh_col_masks(inner: optax.GradientTransformation, every: int,
+                      leaves: dict[Path, NMLeaf]) -> optax.GradientTransformation:
+  """SLoPe's mask_change_freq: after every `every`-th update, each held transposed mask
+  (`col_positions`, beside its kernel) is set to the N:M mask of the updated kernel along its
+  output axis; between refreshes it does not change. Outermost, so it sees the final updates."""
+  def update(updates, state, params):
+    updates, inner_state = inner.update(updates, state.inner, params)
+    count = state.count + 1
+    flat_u, flat_p = traverse_util.flatten_dict(updates), traverse_util.flatten_dict(params)
+    for path, leaf in leaves.items():
+      col_path = (*path[:-1], "col_positions")
+      if col_path not in flat_p:
+        continue
+      new_w = flat_p[path] + flat_u[path]
+      n_in = 1
+      for d in new_w.shape[:leaf.axis + 1]:
+        n_in *= d
+      new = col_positions(new_w.reshape(n_in, -1), leaf.n, leaf.m)
+      flat_u[col_path] = jnp.where(count % every == 0, new - flat_p[col_path], 0.0)
+    return traverse_util.unflatten_dict(flat_u), RefreshState(count, inner_state)
+
+  return optax.GradientTransformation(
+      lambda params: RefreshState(jnp.zeros((), jnp.int32), inner.init(params)), update)

@@ -14,8 +14,10 @@ from flax import traverse_util
 
 from jaxtricks import sharding
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.sparse_linear import NMSpec, SparseLinear, col_positions
 from jaxtricks.models import sparse
 from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.ops import sparsity as ops_sparsity
 from jaxtricks.train import step as step_lib
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.losses import LOSSES
@@ -173,7 +175,41 @@ def test_mixed_nm_per_block():
     (dict(sparse_targets=("attn", "embed")), "sparse_targets"),
     (dict(mlp="kan"), "no linear projections"),
     (dict(adapter_start=1.5), "adapter_start"),
+    (dict(mask_change_freq=0), "mask_change_freq"),
 ])
 def test_sparsity_config_errors(changes, message):
   with pytest.raises(ConfigError, match=message):
     dataclasses.replace(BASE, **changes).validate()
+
+
+def test_mask_change_freq_holds_the_transposed_mask_between_refreshes():
+  cfg = dataclasses.replace(BASE, mask_change_freq=2)
+  states, model, _ = _train(cfg, 4)
+  leaves = sparse.nm_leaves(model)
+  path = ("block_0", "mlp", "up", "kernel")
+  col = (*path[:-1], "col_positions")
+  held = [flat(s.params)[col] for s in states]
+  fresh = [np.asarray(col_positions(flat(s.params)[path].reshape(32, -1), 2, 4)) for s in states]
+  np.testing.assert_array_equal(held[0], fresh[0])  # C of the initial weights
+  np.testing.assert_array_equal(held[1], held[0])   # held after step 1 (learning rate 0)
+  np.testing.assert_array_equal(held[2], fresh[2])  # refreshed after step 2
+  np.testing.assert_array_equal(held[3], held[2])   # held after step 3 ...
+  assert not np.array_equal(fresh[3], fresh[2])     # ... although the weights' own C moved
+  np.testing.assert_array_equal(held[4], fresh[4])
+  assert sparse.static_masks_held(states[-1].params, states[-1].opt_state.inner.positions,
+                                  leaves)
+
+
+def test_held_transposed_mask_is_what_the_input_gradient_uses():
+  spec = NMSpec(2, 4, mask_change_freq=5)
+  layer = SparseLinear((8,), ("embed", "mlp"), spec=spec)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 16)), jnp.float32)
+  params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
+  w = params["kernel"] * 1.7 + 0.01 * (params["kernel"] != 0)  # weights moved, C held
+  params = dict(params, kernel=w)
+  dx = jax.grad(lambda x: layer.apply({"params": params}, x).sum())(x)
+  held = ops_sparsity.kept_mask(
+      ops_sparsity.unpack_float(params["col_positions"], 2, 16 * 8 // 2).reshape(16, 2, 2),
+      (16, 8), 2, 4, axis=1)
+  np.testing.assert_allclose(dx, np.ones((3, 8)) @ np.asarray(jnp.where(held, w, 0)).T,
+                             rtol=1e-5, atol=1e-6)
