@@ -7,7 +7,8 @@ arXiv 2405.16325) against dense training, SR-STE and a dense model of half the w
 Trains, with equal steps and tokens on the embedded corpus: `dense`; `slope` (2:4 static masks,
 double-pruned backward, no adapters); `slope_adapters` (plus rank-r adapters over the last
 1 - adapter_start of the steps); `srste` (dynamic masks, Zhou et al. 2021); `dense_half` (half
-d_model). `--variants=slope_exact_backward` adds an ablation: static masks, exact input gradient.
+d_model). `--variants=slope_exact_backward` adds an ablation: static masks, exact input gradient;
+`--model.mask_change_freq=100` holds the backward's transposed mask for 100 steps at a time.
 The attention and MLP projections are pruned; the embedding and output head stay dense.
 XLA has no N:M sparse matmul, so sparse layers run as masked dense matmuls: no speed-up is
 claimed; the memory figures come from the actual compressed arrays.
@@ -43,6 +44,7 @@ from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops.sparsity import expected_extra_zeros
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.loop import train
+from jaxtricks.train.sparse_optimizer import recorded_positions
 
 PRESETS = ("smoke", "default", "full")
 VARIANTS = ("dense", "slope", "slope_adapters", "srste", "dense_half")
@@ -176,7 +178,7 @@ def run(config: SlopeConfig, workdir: str) -> dict:
           memory["compressed_weight_bytes"] + sparse.bytes_at(slope_state.opt_state, kernel_paths))
       extra["extra_zero_fraction"] = sparse.extra_zero_fraction(params, leaves)
       extra["static_masks_held"] = sparse.static_masks_held(
-          params, slope_state.opt_state.positions, leaves)
+          params, recorded_positions(slope_state.opt_state), leaves)
       extra["compressed_checkpoint"] = _save_compressed(
           sparse.compress_params(params, leaves), os.path.join(workdir, "slope_compressed"))
     mlog.log_progress(f"{name}: {rows[-1]}")

@@ -96,11 +96,14 @@ class SparseLinear(Linear):
       y_RxO = sparsity.srste_matmul(x_RxI, w_IxO, spec.n, spec.m, spec.decay)
     if spec.rank:
       pdtype = resolve_dtype(self.param_dtype)
-      # L random, R zero: switching the adapter on does not change the output (SLoPe sec. 3.2).
-      l_IxR = self.param("adapter_l", nn.initializers.normal(n_in ** -0.5), (n_in, spec.rank),
-                         pdtype)
+      # L and R start at zero and the adapter branch is skipped while L is zero: the optimizer
+      # draws L at the switch step and R is still zero then, so switching the adapters on does not
+      # change the output (SLoPe sec. 3.2) and they cost nothing before it (sparse_optimizer).
+      l_IxR = self.param("adapter_l", nn.initializers.zeros, (n_in, spec.rank), pdtype)
       r_RxO = self.param("adapter_r", nn.initializers.zeros, (spec.rank, n_out), pdtype)
-      y_RxO = y_RxO + (x_RxI @ l_IxR.astype(dtype)) @ r_RxO.astype(dtype) / spec.rank
+      adapter = lambda x: (x @ l_IxR.astype(dtype)) @ r_RxO.astype(dtype) / spec.rank  # noqa: E731
+      off = lambda x: jnp.zeros((x.shape[0], n_out), dtype)  # noqa: E731
+      y_RxO = y_RxO + jax.lax.cond(jnp.any(l_IxR != 0), adapter, off, x_RxI).astype(y_RxO.dtype)
     return y_RxO.reshape(*batch_shape, *self.features)
 
   def _held_col_mask(self, w_IxO: jnp.ndarray) -> jnp.ndarray:

@@ -45,7 +45,8 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module | None = None
     late = sparse_optimizer.after_step(_adamw(cfg, lambda count: schedule(count + start)), start)
     labels = lambda params: jax.tree.map(  # noqa: E731
         lambda a: "adapter" if a else "main", sparse_optimizer.is_adapter(params))
-    core = optax.multi_transform({"main": core, "adapter": late}, labels)
+    core = optax.chain(optax.multi_transform({"main": core, "adapter": late}, labels),
+                       sparse_optimizer.draw_adapters(start, cfg.seed))
     first.append(sparse_optimizer.zero_until(start, sparse_optimizer.is_adapter))
   if cfg.grad_clip:
     first.append(optax.clip_by_global_norm(cfg.grad_clip))

@@ -7,6 +7,11 @@ zero (the static mask). The kept positions are stored bit-packed in the optimize
 
 `after_step(inner, start)`: no update and no state change before step `start`; the lazy low-rank
 adapters of the last 1% of training use it, with a learning-rate schedule offset by `start`.
+`draw_adapters(start, seed)` sets each adapter's L (zero until then, which keeps the adapter
+branch switched off) to a random draw by the update before step `start`.
+
+`refresh_col_masks(inner, every, leaves)`: SLoPe's mask_change_freq, the transposed masks held
+as parameters and overwritten every `every` steps.
 """
 
 from __future__ import annotations
@@ -107,6 +112,23 @@ def is_adapter(params: Any) -> Any:
   return traverse_util.unflatten_dict({p: p[-1] in ADAPTER_NAMES for p in flat})
 
 
+def draw_adapters(start: int, seed: int) -> optax.GradientTransformation:
+  """Overwrites the update of every `adapter_l` (I, r) so that it becomes a N(0, 1/I) draw after
+  update number start - 1 (the first update when start is 0); R is still zero, so the model's
+  output does not change. Other updates pass through."""
+  def update(updates, state, params):
+    at = state.count == max(start - 1, 0)
+    flat_u, flat_p = traverse_util.flatten_dict(updates), traverse_util.flatten_dict(params)
+    for i, path in enumerate(sorted(p for p in flat_p if p[-1] == "adapter_l")):
+      p = flat_p[path]
+      draw = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), p.shape, p.dtype)
+      flat_u[path] = jnp.where(at, draw * p.shape[0] ** -0.5 - p, flat_u[path])
+    return traverse_util.unflatten_dict(flat_u), optax.ScaleByScheduleState(state.count + 1)
+
+  return optax.GradientTransformation(
+      lambda params: optax.ScaleByScheduleState(jnp.zeros((), jnp.int32)), update)
+
+
 def zero_until(start: int, where: Callable[[Any], Any]) -> optax.GradientTransformation:
   """Zeroes the gradients selected by `where(params)` before step `start` (so that the global
   gradient norm and its clipping ignore parameters that do not train yet)."""
@@ -121,6 +143,13 @@ def zero_until(start: int, where: Callable[[Any], Any]) -> optax.GradientTransfo
     return updates, optax.ScaleByScheduleState(count=state.count + 1)
 
   return optax.GradientTransformation(init, update)
+
+
+def recorded_positions(opt_state: Any) -> Any:
+  """The packed kept positions that keep_nm_sparse recorded at init, from the whole state."""
+  while not isinstance(opt_state, NMSparseState):
+    opt_state = opt_state.inner
+  return opt_state.positions
 
 
 class RefreshState(NamedTuple):

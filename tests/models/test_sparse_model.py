@@ -22,6 +22,7 @@ from jaxtricks.train import step as step_lib
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.losses import LOSSES
 from jaxtricks.train.optimizer import adapter_start_step, lr_schedule, make_optimizer
+from jaxtricks.train.sparse_optimizer import recorded_positions
 from jaxtricks.train.state import init_state, state_shardings
 
 BASE = ModelConfig(d_model=32, n_layers=2, n_heads=2, sparsity="slope")
@@ -69,8 +70,12 @@ def test_adapters_change_nothing_at_the_switch_and_add_exact_parameters():
     d_in = int(np.prod(w.shape[:leaf.axis + 1]))
     expected += (d_in + w.size // d_in) * r
   assert sum(v.size for v in added.values()) == expected
-  # same kernels, R = 0: the same logits
+  # same kernels, L as drawn at the switch, R = 0: the same logits
   f1.update(f0)
+  rng = np.random.default_rng(0)
+  for k in added:
+    if k[-1] == "adapter_l":
+      f1[k] = rng.standard_normal(f1[k].shape).astype(np.float32)
   np.testing.assert_array_equal(logits(with_adapters, traverse_util.unflatten_dict(f1)),
                                 logits(BASE, p0))
 
@@ -81,7 +86,7 @@ def test_merged_adapters_give_a_dense_model_with_the_same_outputs(rescale):
   f = flat(init_params(cfg))
   rng = np.random.default_rng(1)
   for k in f:
-    if k[-1] == "adapter_r":
+    if k[-1] in ("adapter_l", "adapter_r"):
       f[k] = rng.standard_normal(f[k].shape).astype(np.float32) * 0.1
   params = traverse_util.unflatten_dict(f)
   leaves = sparse.nm_leaves(Transformer(cfg))
@@ -132,9 +137,14 @@ def test_slope_training_keeps_static_masks_and_starts_adapters_late():
   assert not sparse.static_masks_held(traverse_util.unflatten_dict(moved),
                                       states[-1].opt_state.positions, leaves)
   r_paths = [k for k in first if k[-1] == "adapter_r"]
+  l_paths = [k for k in first if k[-1] == "adapter_l"]
   for i, s in enumerate(states):
     r_norm = sum(np.abs(flat(s.params)[k]).sum() for k in r_paths)
+    l_norm = sum(np.abs(flat(s.params)[k]).sum() for k in l_paths)
+    assert (l_norm > 0) == (i >= start), (i, l_norm)  # L is drawn for the switch step
     assert (r_norm > 0) == (i > start), (i, r_norm)  # R moves only after the switch step
+  l_draw = flat(states[start].params)[l_paths[0]]
+  assert 0.5 < l_draw.std() * np.sqrt(l_draw.shape[0]) < 1.5  # N(0, 1/I)
   # Adam's moments of a sparse kernel hold its kept values only
   path = next(iter(leaves))
   moments = [leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(states[-1].opt_state)[0]
@@ -196,8 +206,8 @@ def test_mask_change_freq_holds_the_transposed_mask_between_refreshes():
   np.testing.assert_array_equal(held[3], held[2])   # held after step 3 ...
   assert not np.array_equal(fresh[3], fresh[2])     # ... although the weights' own C moved
   np.testing.assert_array_equal(held[4], fresh[4])
-  assert sparse.static_masks_held(states[-1].params, states[-1].opt_state.inner.positions,
-                                  leaves)
+  assert sparse.static_masks_held(states[-1].params,
+                                  recorded_positions(states[-1].opt_state), leaves)
 
 
 def test_held_transposed_mask_is_what_the_input_gradient_uses():
