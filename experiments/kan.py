@@ -8,19 +8,26 @@ Fits f(x, y) = exp(sin(pi x) + y^2) with a [2, 1, 1] KAN: 1000 training and 1000
 uniform on [-1, 1]^2, full-batch L-BFGS (`train.steps` iterations per grid, knots following the
 layer inputs every 5 steps for the first 50, as pykan's fit does), then grid extension
 3 -> 5 -> 10 -> 20 -> 50 -> 100 with the function kept by a least-squares refit. Float64
-(jax_enable_x64) as in pykan's tutorial. pykan's tutorial reports test RMSE 1.53e-2, 3.29e-4,
-4.04e-5, 1.24e-5 at G = 3, 10, 20, 50; README has what this gives.
+(jax_enable_x64) as in pykan's tutorial. Unlike pykan, grid updates keep the first layer's knots
+spanning the input domain (grid_spans_range), not only the training samples' hull: at fine
+grids, test points just outside the hull are otherwise extrapolated and dominate the test RMSE
+(README). pykan's tutorial reports test RMSE 1.53e-2, 3.29e-4, 4.04e-5, 1.24e-5 at
+G = 3, 10, 20, 50; README has what this gives.
 
 summary.json: rmse_by_grid {G: test RMSE}, train_rmse_by_grid, refine_rmse_change {G: RMSE
 between the outputs before and after extending to G}, scaling_slope (log-log slope of test RMSE
 over G = 5..50), best_test_rmse, paper_kan_rmse; kan_grid_extension.png. The model/data/mesh
 sections of the config are unused; train.steps and train.seed are the L-BFGS steps per grid and
 the seed.
-Then pykan's hellokan pipeline on the same data: a [2, 5, 1] KAN with the sparsity regulariser
-(pykan's edge scale std(phi) / (std(x) + 0.1), lamb 0.01, lamb_entropy 10, 100 L-BFGS steps),
-pruned, refined, its edges replaced by formulas from {x, x^2, exp, sin}: summary keys
-pruned_widths, symbolic_formula, symbolic_rmse; kan_pruned.png draws the pruned network with
-each edge's curve at opacity tanh(3 * attribution score).
+Then pykan's (0.2) hellokan pipeline on the same data: a [2, 5, 1] KAN at G = 3 trained with the
+sparsity regulariser (pykan's edge scale std(phi) / (std(x) + 0.1) and row + column entropy,
+lamb 1e-3, lamb_entropy 2), pruned as pykan's prune() does (nodes with attribution score <= 1e-2,
+then edges <= 3e-2), trained, refined to G = 10 and trained, its edges replaced by the best
+formulas from pykan's tutorial library {x, x^2, x^3, x^4, exp, log, sqrt, tanh, sin, abs}, whose
+affine parameters are then retrained. Every stage is 50 steps of 20 L-BFGS iterations, as
+pykan's fit(steps=50) runs. Summary keys pruned_widths, symbolic_formula, symbolic_rmse;
+kan_pruned.png draws the pruned network with each edge's curve at opacity
+tanh(3 * attribution score).
 
 Special-function presets (the paper's Table 1; scipy.special, x and y uniform on [0, 1]^2, grids
 3 -> 50, no hellokan): sph_harm = Re Y_1^0 (scipy's sph_harm(m=0, n=1, x, y)) with [2, 1, 1]
@@ -86,14 +93,20 @@ class KanConfig(Config):
   update_grid_every: int = 5
   update_grid_until: int = 50
   float64: bool = True
+  grid_spans_range: bool = True          # first-layer knots always span the input domain
   hellokan: bool = True                  # then the pipeline: regularise, prune, symbolic
   hello_widths: tuple[int, ...] = (2, 5, 1)
-  hello_lamb: float = 1e-2
-  hello_lamb_entropy: float = 10.0
+  hello_lamb: float = 1e-3
+  hello_lamb_entropy: float = 2.0
   hello_reg_form: str = "std"            # pykan's std(phi) / (std(x) + 0.1) edge scale
-  hello_reg_steps: int = 100             # L-BFGS steps with the regulariser
-  hello_steps: int = 50                  # L-BFGS steps per later stage
-  hello_library: tuple[str, ...] = ("x", "x^2", "exp", "sin")
+  hello_entropy: str = "pykan"           # pykan's row + column entropy (or the paper's)
+  hello_reg_steps: int = 50              # steps with the regulariser
+  hello_steps: int = 50                  # steps per later stage
+  hello_iters_per_step: int = 20         # L-BFGS iterations per step (pykan's: torch max_iter)
+  hello_node_threshold: float = 1e-2     # pykan's prune(): node and edge attribution thresholds
+  hello_edge_threshold: float = 3e-2
+  hello_library: tuple[str, ...] = ("x", "x^2", "x^3", "x^4", "exp", "log", "sqrt", "tanh",
+                                    "sin", "abs")
 
   def validate(self) -> KanConfig:
     if self.function not in FUNCTIONS:
@@ -105,6 +118,13 @@ class KanConfig(Config):
       raise ConfigError(f"widths={self.widths}: the function maps 2 inputs to 1 output")
     if self.hello_reg_form not in ("sample", "std", "coef"):
       raise ConfigError(f"hello_reg_form={self.hello_reg_form!r}: use sample, std or coef")
+    if self.hello_entropy not in ("paper", "pykan"):
+      raise ConfigError(f"hello_entropy={self.hello_entropy!r}: use paper or pykan")
+    if self.hello_iters_per_step < 1:
+      raise ConfigError("hello_iters_per_step must be >= 1")
+    if unknown := set(self.hello_library) - set(sym.LIBRARY):
+      raise ConfigError(f"hello_library: unknown {sorted(unknown)}; valid: "
+                        f"{', '.join(sym.LIBRARY)}")
     if self.train.steps < 1 or self.n_train < 1 or self.n_test < 1:
       raise ConfigError("train.steps, n_train and n_test must be >= 1")
     return self
@@ -113,7 +133,8 @@ class KanConfig(Config):
 def get_config(preset: str) -> KanConfig:
   if preset == "smoke":
     return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=TrainConfig(steps=20),
-                     hello_steps=10, hello_reg_steps=20)
+                     hello_steps=10, hello_reg_steps=20, hello_iters_per_step=1,
+                     hello_library=("x", "x^2", "exp", "sin"))
   if preset in SPECIAL:
     function, widths = SPECIAL[preset]
     return KanConfig(function=function, widths=widths, grids=(3, 5, 10, 20, 50),
@@ -147,7 +168,7 @@ def run(config: KanConfig, workdir: str) -> dict:
   # L-BFGS stuck near RMSE 0.67 for 5 of 5 seeds, against 1 of 5 seeds for float32 draws. The
   # cause is not yet understood.
   model = KAN(tuple(config.widths), grid_size=config.grids[0], order=config.order,
-              grid_range=target.domain)
+              grid_range=target.domain, grid_spans_range=config.grid_spans_range)
   variables = jax.tree.map(lambda a: a.astype(dtype),
                            init_variables(model, jax.random.key(config.train.seed)))
   model = dataclasses.replace(model, dtype="float64" if config.float64 else "float32")
@@ -182,34 +203,40 @@ def run(config: KanConfig, workdir: str) -> dict:
 
 def hellokan(config: KanConfig, x_train, y_train, x_test, y_test, dtype
              ) -> tuple[dict, tuple[KAN, dict]]:
-  """pykan's hellokan: a [2, 5, 1] KAN trained with the sparsity regulariser, pruned, trained
-  again, refined to G = 10, its edges replaced by library formulas and their affine parameters
-  refitted. Returns the summary entries (formula, test RMSE) and the pruned (model, variables)."""
+  """pykan's hellokan: a [2, 5, 1] KAN trained with the sparsity regulariser, pruned (nodes, then
+  edges, by attribution score), trained again, refined to G = 10 and trained, its edges replaced
+  by library formulas and their affine parameters refitted. Each stage has `hello_steps` steps
+  of `hello_iters_per_step` L-BFGS iterations, as pykan's fit(steps=50) runs (20 iterations a
+  step). Returns the summary entries (formula, test RMSE) and the pruned (model, variables)."""
   model = KAN(tuple(config.hello_widths), grid_size=3, order=config.order)
   variables = jax.tree.map(lambda a: a.astype(dtype),
                            init_variables(model, jax.random.key(config.train.seed)))
   model = dataclasses.replace(model, dtype="float64" if config.float64 else "float32")
   steps = config.hello_steps
   grid_kw = dict(update_grid_every=config.update_grid_every,
-                 update_grid_until=config.update_grid_until)
+                 update_grid_until=config.update_grid_until,
+                 iters_per_step=config.hello_iters_per_step)
   reg = Regularizer(model, lamb=config.hello_lamb, lamb_entropy=config.hello_lamb_entropy,
-                    form=config.hello_reg_form)
+                    form=config.hello_reg_form, entropy=config.hello_entropy)
   variables, _ = fit(model, variables, x_train, y_train, config.hello_reg_steps, reg=reg,
                      **grid_kw)
-  model, variables, kept = prune(model, variables, x_train)
+  model, variables, kept = prune(model, variables, x_train,
+                                 node_threshold=config.hello_node_threshold,
+                                 edge_threshold=config.hello_edge_threshold)
   variables, _ = fit(model, variables, x_train, y_train, steps, **grid_kw)
   model, variables = refine(model, variables, x_train, grid_size=10)
-  variables, _ = fit(model, variables, x_train, y_train, steps)
+  variables, _ = fit(model, variables, x_train, y_train, steps, **grid_kw)
   kan_rmse = float(jnp.sqrt(mse(model, variables, x_test, y_test)))
   fits = sym.auto_symbolic(model, variables, x_train[:200], names=config.hello_library)
-  fits, _ = sym.fit_affine(fits, np.asarray(x_train), np.asarray(y_train), steps=4 * steps)
+  fits, _ = sym.fit_affine(fits, np.asarray(x_train), np.asarray(y_train),
+                           steps=steps * config.hello_iters_per_step)
   sym_rmse = float(np.sqrt(np.mean((sym.evaluate(fits, np.asarray(x_test))
                                     - np.asarray(y_test)) ** 2)))
   out = {"pruned_widths": list(model.widths), "pruned_kept_nodes": kept,
          "pruned_kan_rmse": kan_rmse, "symbolic_rmse": sym_rmse,
          "symbolic_edges": [[[e.name for e in row] for row in layer] for layer in fits]}
   try:
-    out["symbolic_formula"] = str(sym.formula(fits, variables=("x", "y"))[0])
+    out["symbolic_formula"] = str(sym.formula(fits, variables=("x", "y"), zero_below=1e-8)[0])
   except ImportError:
     out["symbolic_formula"] = None  # the `symbolic` extra (sympy) is not installed
   mlog.log_progress(f"hellokan: pruned to {out['pruned_widths']}, KAN test RMSE {kan_rmse:.2e}, "

@@ -34,6 +34,9 @@ class KAN(nn.Module):
   base_sigma: float = 1.0
   dtype: str = "float32"       # 'float64' with jax_enable_x64 for function fitting to 1e-5
   analytic_grad: bool = True   # B-spline input gradients by the analytic derivative
+  # Grid updates keep the first layer's knots spanning grid_range (the input domain) instead of
+  # only the samples' hull (pykan's): test inputs just outside the hull are not extrapolated.
+  grid_spans_range: bool = False
 
   def layer_kwargs(self) -> dict:
     return dict(grid_size=self.grid_size, order=self.order, grid_range=self.grid_range,
@@ -86,7 +89,8 @@ def _refitter(model: KAN, grid_size: int, grid_eps: float, ridge: float):
       name = f"layer_{layer}"
       p, old = params[name], grids[name]["knots"]
       values = kan.spline_values(x_in, old, p["coef"], model.order)
-      new = kan.grid_from_samples(x_in, grid_size, model.order, grid_eps)
+      span = model.grid_range if model.grid_spans_range and layer == 0 else None
+      new = kan.grid_from_samples(x_in, grid_size, model.order, grid_eps, span)
       params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
       grids[name] = dict(grids[name], knots=new)  # a pruning mask stays
     return params, grids
@@ -110,10 +114,13 @@ def mse(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray) -> 
 
 def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, steps: int,
         optimizer: str = "lbfgs", lr: float = 1e-2, reg: Any = None,
-        update_grid_every: int = 0, update_grid_until: int = 0) -> tuple[dict, jnp.ndarray]:
-  """Full-batch training: `steps` L-BFGS iterations (optax, zoom line search, history 10) or
-  Adam steps; returns the variables and the loss per step.
+        update_grid_every: int = 0, update_grid_until: int = 0,
+        iters_per_step: int = 1) -> tuple[dict, jnp.ndarray]:
+  """Full-batch training: `steps` steps of `iters_per_step` L-BFGS iterations each (optax, zoom
+  line search, history 10) or Adam updates; returns the variables and the loss per iteration.
 
+  One step of pykan's fit is one call of its L-BFGS, up to 20 iterations (torch's max_iter), so
+  iters_per_step=20 trains as long as pykan's fit with the same `steps`.
   reg(params, grid, x) -> scalar (e.g. `kan_prune.Regularizer`, hashable) is added to the MSE
   when given. With update_grid_every = u > 0 the knots follow the layer inputs (`refine` at the
   same G) every u steps until step update_grid_until, as pykan's fit does (5 and 50); the
@@ -121,6 +128,11 @@ def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, ste
   """
   if optimizer not in ("lbfgs", "adam"):
     raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+  if iters_per_step < 1:
+    raise ValueError(f"iters_per_step must be >= 1, got {iters_per_step}")
+  steps, update_grid_every, update_grid_until = (
+      steps * iters_per_step, update_grid_every * iters_per_step,
+      update_grid_until * iters_per_step)
   losses, done = [], 0
   while done < steps:
     chunk = steps - done

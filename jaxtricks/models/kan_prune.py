@@ -52,23 +52,35 @@ def coef_l1(params: dict, n_layers: int) -> list[jnp.ndarray]:
   return out
 
 
-def _l1_and_entropy(l1s: list[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _l1_and_entropy(l1s: list[jnp.ndarray], form: str = "paper"
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
   l1 = sum(jnp.sum(a) for a in l1s)
   entropy = 0.0
   for a in l1s:
-    p_OxI = a / (jnp.sum(a, axis=1, keepdims=True) + 1e-12)
-    entropy = entropy - jnp.sum(p_OxI * jnp.log(p_OxI + 1e-12))
+    if form == "paper":
+      p_OxI = a / (jnp.sum(a, axis=1, keepdims=True) + 1e-12)
+      entropy = entropy - jnp.sum(p_OxI * jnp.log(p_OxI + 1e-12))
+    else:  # pykan's: rows and columns, each normalised by (sum + 1), log2, mean over nodes
+      for axis in (1, 0):
+        p = a / (jnp.sum(a, axis=axis, keepdims=True) + 1.0)
+        entropy = entropy - jnp.mean(jnp.sum(p * jnp.log2(p + 1e-4), axis=axis))
   return l1, entropy
 
 
 @dataclasses.dataclass(frozen=True)
 class Regularizer:
-  """reg(params, grid, x) for `models.kan.fit`: lamb (lamb_l1 L1 + lamb_entropy entropy)."""
+  """reg(params, grid, x) for `models.kan.fit`: lamb (lamb_l1 L1 + lamb_entropy entropy).
+
+  entropy='paper': sum over output nodes of the entropy of their incoming edges' shares;
+  'pykan' (pykan >= 0.2): mean row entropy plus mean column entropy of each layer's (O, I) edge
+  scales, shares taken against (sum + 1), so a layer whose edges are all small is not pushed to
+  spread its mass."""
   model: KAN
   lamb: float = 1e-2
   lamb_l1: float = 1.0
   lamb_entropy: float = 2.0
   form: str = "sample"  # sample (the paper's mean |phi|) | std (pykan's) | coef (no forward pass)
+  entropy: str = "paper"  # paper | pykan
 
   def __call__(self, params: dict, grid: dict, x_NxI: jnp.ndarray) -> jnp.ndarray:
     if self.form == "sample":
@@ -79,7 +91,9 @@ class Regularizer:
       l1s = coef_l1(params, len(self.model.widths) - 1)
     else:
       raise ValueError(f"regularisation form must be 'sample', 'std' or 'coef', got {self.form!r}")
-    l1, entropy = _l1_and_entropy(l1s)
+    if self.entropy not in ("paper", "pykan"):
+      raise ValueError(f"entropy must be 'paper' or 'pykan', got {self.entropy!r}")
+    l1, entropy = _l1_and_entropy(l1s, self.entropy)
     return self.lamb * (self.lamb_l1 * l1 + self.lamb_entropy * entropy)
 
 
@@ -108,13 +122,30 @@ def _slice_layer(p: dict, knots: jnp.ndarray, mask, keep_in: np.ndarray, keep_ou
   return p, g
 
 
+def _slice_network(model: KAN, variables: dict, keep: list[np.ndarray]) -> tuple[KAN, dict]:
+  params, grids = {}, {}
+  for layer in range(len(model.widths) - 1):
+    name = f"layer_{layer}"
+    grid = variables["grid"][name]
+    params[name], grids[name] = _slice_layer(variables["params"][name], grid["knots"],
+                                             grid.get("mask"), keep[layer], keep[layer + 1])
+  new_model = dataclasses.replace(model, widths=tuple(len(k) for k in keep))
+  return new_model, {"params": params, "grid": grids}
+
+
 def prune(model: KAN, variables: dict, x_NxI: jnp.ndarray, node_threshold: float = 1e-2,
-          keep_inputs: list[int] | None = None, by: str = "attribution"
-          ) -> tuple[KAN, dict, list[list[int]]]:
+          keep_inputs: list[int] | None = None, by: str = "attribution",
+          edge_threshold: float | None = None) -> tuple[KAN, dict, list[list[int]]]:
   """Removes hidden nodes below the threshold (and inputs not in keep_inputs); returns the
   smaller model, its variables and the kept node indices per layer. by='attribution': a node's
   attribution score (outputs score 1, so the threshold is relative, as pykan prunes today);
-  by='l1': the paper's rule, largest incoming and largest outgoing |phi|_1."""
+  by='l1': the paper's rule, largest incoming and largest outgoing |phi|_1.
+
+  With edge_threshold (pykan's prune(): 3e-2), the edges of the smaller network whose
+  attribution score is at most edge_threshold are then masked off (`prune_edges`), and hidden
+  nodes left without any incoming or any outgoing edge are removed too. A node without outgoing
+  edges contributes nothing; one without incoming edges contributes only a constant, which its
+  (then near-zero score) outgoing edges were masked for anyway."""
   if by not in ("attribution", "l1"):
     raise ValueError(f"prune by 'attribution' or 'l1', got {by!r}")
   l1s = [np.asarray(a) for a in edge_l1(model, variables, x_NxI)]
@@ -133,23 +164,38 @@ def prune(model: KAN, variables: dict, x_NxI: jnp.ndarray, node_threshold: float
     kept = np.flatnonzero(ok)
     keep.append(kept if len(kept) else np.array([int(np.argmax(rank))]))
   keep.append(np.arange(model.widths[-1]))
-  params, grids = {}, {}
-  for layer in range(n):
-    name = f"layer_{layer}"
-    grid = variables["grid"][name]
-    params[name], grids[name] = _slice_layer(variables["params"][name], grid["knots"],
-                                             grid.get("mask"), keep[layer], keep[layer + 1])
-  new_model = dataclasses.replace(model, widths=tuple(len(k) for k in keep))
-  return new_model, {"params": params, "grid": grids}, [k.tolist() for k in keep]
+  model, variables = _slice_network(model, variables, keep)
+  if edge_threshold is not None and n > 1:
+    scores = attribution(model, variables, x_NxI)[0]
+    variables = prune_edges(model, variables, x_NxI, edge_threshold, by="attribution")
+    masks = [np.asarray(variables["grid"][f"layer_{layer}"]["mask"]) for layer in range(n)]
+    again = [np.arange(model.widths[0])]
+    for layer in range(1, n):  # masks are (I, O): node j is output j of layer-1, input j of layer
+      alive = np.flatnonzero(masks[layer - 1].any(axis=0) & masks[layer].any(axis=1))
+      again.append(alive if len(alive) else np.array([int(np.argmax(scores[layer]))]))
+    again.append(np.arange(model.widths[-1]))
+    model, variables = _slice_network(model, variables, again)
+    keep = [k[a] for k, a in zip(keep, again, strict=True)]
+  return model, variables, [k.tolist() for k in keep]
 
 
 def prune_edges(model: KAN, variables: dict, x_NxI: jnp.ndarray,
-                edge_threshold: float = 3e-2) -> dict:
-  """Switches off edges with |phi|_1 below the threshold (a mask in the `grid` collection, so
-  further training cannot bring them back)."""
+                edge_threshold: float = 3e-2, by: str = "l1") -> dict:
+  """Switches off edges with |phi|_1 below the threshold (by='l1'), or with an attribution score
+  at most the threshold (by='attribution', pykan's prune_edge); a mask in the `grid` collection,
+  so further training cannot bring them back."""
+  if by == "l1":
+    sizes = edge_l1(model, variables, x_NxI)
+    keep = lambda a_OxI: a_OxI >= edge_threshold
+  elif by == "attribution":
+    sizes = [jnp.asarray(e) for e in attribution(model, variables, x_NxI)[1]]
+    keep = lambda a_OxI: a_OxI > edge_threshold
+  else:
+    raise ValueError(f"prune edges by 'l1' or 'attribution', got {by!r}")
   grids = dict(variables["grid"])
-  for layer, a_OxI in enumerate(edge_l1(model, variables, x_NxI)):
+  dtype = variables["params"]["layer_0"]["coef"].dtype
+  for layer, a_OxI in enumerate(sizes):
     name = f"layer_{layer}"
-    old = grids[name].get("mask", jnp.ones(a_OxI.T.shape, a_OxI.dtype))
-    grids[name] = dict(grids[name], mask=old * (a_OxI.T >= edge_threshold).astype(a_OxI.dtype))
+    old = grids[name].get("mask", jnp.ones(a_OxI.T.shape, dtype))
+    grids[name] = dict(grids[name], mask=old * keep(a_OxI).T.astype(dtype))
   return {"params": variables["params"], "grid": grids}

@@ -27,6 +27,7 @@ LIBRARY: dict[str, tuple[Callable, Callable, int]] = {
     "x": (lambda u: u, lambda sp, u: u, 1),
     "x^2": (lambda u: u ** 2, lambda sp, u: u ** 2, 2),
     "x^3": (lambda u: u ** 3, lambda sp, u: u ** 3, 3),
+    "x^4": (lambda u: u ** 4, lambda sp, u: u ** 4, 3),
     "exp": (lambda u: np.exp(np.clip(u, -50, 50)), lambda sp, u: sp.exp(u), 2),
     "sin": (np.sin, lambda sp, u: sp.sin(u), 2),
     "tanh": (np.tanh, lambda sp, u: sp.tanh(u), 3),
@@ -120,17 +121,19 @@ def evaluate(fits: list[list[list[Fit]]], x_NxI: np.ndarray) -> np.ndarray:
   return h
 
 
-def formula(fits: list[list[list[Fit]]], digits: int = 4, variables: tuple[str, ...] = ()):
-  """sympy expressions of the outputs (needs `pip install jaxtricks[symbolic]`)."""
+def formula(fits: list[list[list[Fit]]], digits: int = 4, variables: tuple[str, ...] = (),
+            zero_below: float = 0.0):
+  """sympy expressions of the outputs (needs `pip install jaxtricks[symbolic]`). Shifts b and d
+  with |value| < zero_below are written as 0 (they are rounding noise after `fit_affine`)."""
   import sympy as sp  # noqa: PLC0415 (optional dependency)
 
   n_in = len(fits[0][0])
   names = variables or tuple(f"x_{i + 1}" for i in range(n_in))
   h = list(sp.symbols(names))
+  num = lambda v, shift=False: sp.Float(0.0 if shift and abs(v) < zero_below else v, digits)
   for layer in fits:
-    h = [sum(sp.Float(e.c, digits) * LIBRARY[e.name][1](sp, sp.Float(e.a, digits) * h[i]
-                                                        + sp.Float(e.b, digits))
-             + sp.Float(e.d, digits) for i, e in enumerate(row)) for row in layer]
+    h = [sum(num(e.c) * LIBRARY[e.name][1](sp, num(e.a) * h[i] + num(e.b, True)) + num(e.d, True)
+             for i, e in enumerate(row)) for row in layer]
   return [sp.simplify(expr) for expr in h]
 
 
@@ -141,7 +144,7 @@ def fit_affine(fits: list[list[list[Fit]]], x_NxI, y_NxO, steps: int = 200):
           for i in range(len(row))]
   theta = jnp.asarray([[fits[lyr][o][i].a, fits[lyr][o][i].b, fits[lyr][o][i].c,
                         fits[lyr][o][i].d] for lyr, o, i in flat])
-  jfns = {"x": lambda u: u, "x^2": jnp.square, "x^3": lambda u: u ** 3,
+  jfns = {"x": lambda u: u, "x^2": jnp.square, "x^3": lambda u: u ** 3, "x^4": lambda u: u ** 4,
           "exp": lambda u: jnp.exp(jnp.clip(u, -50, 50)), "sin": jnp.sin, "tanh": jnp.tanh,
           "sqrt": lambda u: jnp.sqrt(jnp.abs(u)), "log": lambda u: jnp.log(jnp.abs(u) + 1e-4),
           "abs": jnp.abs, "gaussian": lambda u: jnp.exp(-u ** 2), "0": lambda u: 0 * u}

@@ -198,14 +198,20 @@ def solve_least_squares(a_BxNxJ: jnp.ndarray, y_BxNxO: jnp.ndarray,
 
 
 def grid_from_samples(x_NxI: jnp.ndarray, grid_size: int, order: int,
-                      grid_eps: float = 0.02) -> jnp.ndarray:
+                      grid_eps: float = 0.02,
+                      span: tuple[float, float] | None = None) -> jnp.ndarray:
   """Knots (I, G + 2k + 1) that follow the samples (pykan's update_grid): interior knots
-  grid_eps * uniform + (1 - grid_eps) * quantiles over [min, max], extended by k uniform steps."""
+  grid_eps * uniform + (1 - grid_eps) * quantiles over [min, max], extended by k uniform steps.
+  With span = (lo, hi) the end knots reach at least lo and hi, so inputs of a known domain that
+  fall just outside the samples' hull are interpolated rather than extrapolated."""
   n = x_NxI.shape[0]
   xs = jnp.sort(x_NxI, axis=0)
   idx = jnp.round(jnp.linspace(0, n - 1, grid_size + 1)).astype(jnp.int32)
   adaptive_GxI = xs[idx]
   lo, hi = xs[0], xs[-1]
+  if span is not None:
+    lo, hi = jnp.minimum(lo, span[0]), jnp.maximum(hi, span[1])
+    adaptive_GxI = adaptive_GxI.at[0].set(lo).at[-1].set(hi)
   h_I = (hi - lo) / grid_size
   h_I = jnp.where(h_I > 0, h_I, 1e-3 * (jnp.abs(lo) + 1.0))  # all samples equal: a small grid
   uniform_GxI = lo + h_I * jnp.arange(grid_size + 1)[:, None]

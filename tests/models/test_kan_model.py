@@ -12,7 +12,14 @@ import pytest
 from experiments import lm
 from jaxtricks.layers.kan import KANLayer, n_basis
 from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
-from jaxtricks.models.kan_prune import Regularizer, attribution, edge_l1, prune, prune_edges
+from jaxtricks.models.kan_prune import (
+    Regularizer,
+    _l1_and_entropy,
+    attribution,
+    edge_l1,
+    prune,
+    prune_edges,
+)
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.ops import kan
 from jaxtricks.train.losses import LOSSES
@@ -59,6 +66,16 @@ def test_lbfgs_fits_the_function(trained):
   _, _, losses = trained
   assert losses.shape == (60,)
   assert float(losses[-1]) < 0.05 * float(losses[0])
+
+
+def test_iters_per_step_counts_pykan_steps():
+  model = KAN((2, 1, 1), grid_size=3)
+  variables = init_variables(model, jax.random.key(0))
+  _, losses = fit(model, variables, X, Y, 3, iters_per_step=4, update_grid_every=1,
+                  update_grid_until=2)
+  assert losses.shape == (12,) and float(losses[-1]) < float(losses[0])
+  with pytest.raises(ValueError, match="iters_per_step"):
+    fit(model, variables, X, Y, 3, iters_per_step=0)
 
 
 def test_adam_lowers_the_loss():
@@ -155,14 +172,38 @@ def test_prune_removes_dead_nodes_and_keeps_the_function():
   assert one_input.widths[0] == 1 and vars_1["grid"]["layer_0"]["knots"].shape[0] == 1
 
 
+def test_prune_with_edge_threshold_drops_a_weak_node():
+  model = KAN((2, 5, 1), grid_size=4)
+  variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
+  nodes, edges = attribution(model, variables, X)
+  scores = nodes[1]
+  weak = int(np.argmin(np.where(scores > 1e-6, scores, np.inf)))  # the weaker live node
+  threshold = float(scores[weak]) * 1.01
+  assert threshold < float(scores.max())
+  small, small_vars, kept = prune(model, variables, X, node_threshold=1e-6,
+                                  edge_threshold=threshold)
+  assert small.widths == (2, 1, 1) and kept[1] == [int(np.argmax(scores))]
+  # the result equals the full network with every edge scoring <= threshold switched off
+  grid = {name: dict(g, mask=jnp.asarray((e > threshold).T, jnp.float32))
+          for (name, g), e in zip(sorted(variables["grid"].items()), edges, strict=True)}
+  np.testing.assert_allclose(small.apply(small_vars, X),
+                             model.apply({"params": variables["params"], "grid": grid}, X),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_regularisation_and_attribution():
   model = KAN((2, 5, 1), grid_size=4)
   variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
-  for form in ("sample", "std", "coef"):
-    reg = Regularizer(model, lamb=1.0, form=form)
+  for form, entropy in [("sample", "paper"), ("std", "paper"), ("coef", "paper"),
+                        ("std", "pykan")]:
+    reg = Regularizer(model, lamb=1.0, form=form, entropy=entropy)
     value = reg(variables["params"], variables["grid"], X)
     grads = jax.grad(reg)(variables["params"], variables["grid"], X)
     assert float(value) > 0 and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  # pykan's entropy: a layer with one edge per node has none; spreading a node's mass adds some
+  one_hot, spread = jnp.eye(2), jnp.full((2, 2), 0.5)
+  ent = lambda a: float(_l1_and_entropy([a], "pykan")[1])
+  assert ent(spread) > ent(one_hot) + 0.1
   nodes, edges = attribution(model, variables, X)
   assert [len(s) for s in nodes] == [2, 5, 1] and edges[0].shape == (5, 2)
   assert np.all(nodes[1][[1, 3, 4]] < 1e-6) and np.all(nodes[1][[0, 2]] > 1e-3)

@@ -1,6 +1,8 @@
 """Symbolic regression: parameter recovery on the paper's example, ranking, the sympy formula
 against the symbolic network, and a trained KAN's edges recovered as exp(sin(pi x) + y^2)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,10 @@ def test_formula_evaluates_to_the_symbolic_network():
   x = np.random.default_rng(0).uniform(-1, 1, (20, 2))
   f = sp.lambdify(sp.symbols("x_1 x_2"), expr, "numpy")
   np.testing.assert_allclose(f(x[:, 0], x[:, 1]), sym.evaluate(fits, x)[:, 0], rtol=1e-10)
+  noisy = [[[dataclasses.replace(fits[0][0][1], a=7.149, b=1.6e-17, c=0.01957, d=-3e-16)]]]
+  smallest = lambda expr: min(abs(float(a)) for a in expr.atoms(sp.Float))
+  assert smallest(sym.formula(noisy)[0]) < 1e-15
+  assert smallest(sym.formula(noisy, zero_below=1e-8)[0]) > 1e-2  # the shifts' noise dropped
 
 
 def test_trained_kan_becomes_the_right_formula():

@@ -104,3 +104,18 @@ def test_bad_grid_shapes_are_refused():
     kan.bspline_basis(jnp.zeros((4, 2)), kan.uniform_grid(3, 5, 3), 3)
   with pytest.raises(ValueError, match="grid_size >= 1"):
     kan.uniform_grid(2, 0, 3)
+
+
+def test_grid_from_samples_can_span_the_domain():
+  x = jnp.asarray(np.random.default_rng(0).uniform(-0.9, 0.8, (200, 2)))
+  order, size = 3, 8
+  hull = kan.grid_from_samples(x, size, order)
+  spanned = kan.grid_from_samples(x, size, order, span=(-1.0, 1.0))
+  assert hull.shape == spanned.shape == (2, size + 2 * order + 1)
+  np.testing.assert_allclose(hull[:, order], x.min(0), rtol=1e-6)  # pykan's: the samples' hull
+  np.testing.assert_allclose(spanned[:, order], -1.0, rtol=1e-6)
+  np.testing.assert_allclose(spanned[:, order + size], 1.0, rtol=1e-6)
+  assert np.all(np.diff(np.asarray(spanned), axis=1) > 0)
+  # every basis function still sums to one over the whole domain
+  u = jnp.tile(jnp.linspace(-1.0, 0.999, 50)[:, None], (1, 2))
+  np.testing.assert_allclose(kan.bspline_basis(u, spanned, order).sum(-1), 1.0, atol=1e-5)
