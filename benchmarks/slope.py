@@ -59,7 +59,7 @@ def linear_flops_per_token(params, leaves, model_config: ModelConfig) -> float:
 
 def measure(name: str, base: ModelConfig, tc: TrainConfig) -> dict:
   mc = variant_config(base, name)
-  one, params = common.train_step_runner(Config(model=mc, train=tc))
+  one, _ = common.train_step_runner(Config(model=mc, train=tc))
   jax.block_until_ready(one())  # compile
   times = []
   for _ in range(FLAGS.repeats):
@@ -71,6 +71,7 @@ def measure(name: str, base: ModelConfig, tc: TrainConfig) -> dict:
   state = jax.device_get(one.state())
   leaves = sparse.nm_leaves(Transformer(mc))
   params = state.params
+  packed = sparse.compress_params(params, leaves)
   return {
       "name": name,
       "step_s": statistics.median(times),
@@ -79,9 +80,8 @@ def measure(name: str, base: ModelConfig, tc: TrainConfig) -> dict:
       "train_state_bytes": sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state),
       # SR-STE's pruned weights can come back, so only SLoPe can train on compressed kernels
       "train_state_bytes_compressed": sparse.tree_bytes(
-          sparse.compress_params(params, leaves) if mc.sparsity == "slope" else params)
-      + sparse.tree_bytes(state.opt_state),
-      "weight_bytes_compressed": sparse.tree_bytes(sparse.compress_params(params, leaves)),
+          packed if mc.sparsity == "slope" else params) + sparse.tree_bytes(state.opt_state),
+      "weight_bytes_compressed": sparse.tree_bytes(packed),
       "weight_bytes": sparse.tree_bytes(params),
       "linear_flops_per_token": linear_flops_per_token(params, leaves, mc),
   }

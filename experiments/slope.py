@@ -89,18 +89,6 @@ def get_config(preset: str) -> SlopeConfig:
                         log_every=100, ckpt_every=2000, eval_batches=32))
 
 
-def _train_state_bytes(result, leaves) -> tuple[int, int]:
-  """(bytes as trained, bytes with SLoPe's static-mask kernels held compressed; SR-STE's pruned
-  weights can come back, so its training state stays dense)."""
-  state = jax.device_get(result.state)
-  as_trained = sparse.tree_bytes(state.params) + sparse.tree_bytes(state.opt_state)
-  if result.model.config.sparsity != "slope":
-    return as_trained, as_trained
-  compressed = sparse.tree_bytes(sparse.compress_params(state.params, leaves)) \
-      + sparse.tree_bytes(state.opt_state)
-  return as_trained, compressed
-
-
 def _random_extra_zeros(model_config: ModelConfig, seed: int) -> dict[str, float]:
   """Extra zeros of the double-pruned backward on random normal weights of the SLoPe model's
   kernel shapes, for its N:M and for 1:2 and 2:8."""
@@ -147,8 +135,13 @@ def run(config: SlopeConfig, workdir: str) -> dict:
     cfg = dataclasses.replace(config, model=model_cfg)
     result = train(cfg, os.path.join(workdir, "variants", name), exp=f"slope/{name}")
     leaves = sparse.nm_leaves(result.model)
-    params = jax.device_get(result.state.params)
-    as_trained, compressed = _train_state_bytes(result, leaves)
+    state = jax.device_get(result.state)
+    params, kernel_paths = state.params, set(leaves)
+    as_trained = sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state)
+    # SLoPe's static-mask kernels can be held compressed; SR-STE's pruned weights can come back,
+    # so its training state stays dense.
+    packed = sparse.compress_params(params, leaves) if model_cfg.sparsity == "slope" else params
+    compressed = sparse.tree_bytes(packed) + sparse.tree_bytes(state.opt_state)
     rows.append({
         "name": name,
         "val_loss": result.summary["val_loss"],
@@ -161,26 +154,21 @@ def run(config: SlopeConfig, workdir: str) -> dict:
     })
     if name == "dense":
       memory["dense_train_state_bytes"] = as_trained
-      dense_state = jax.device_get(result.state)
+      dense_state = state
     if name == "slope":
-      flat = traverse_util.flatten_dict(params)
-      kernels = traverse_util.unflatten_dict({p: flat[p] for p in leaves})
-      memory["dense_weight_bytes"] = sparse.tree_bytes(kernels)
-      memory["compressed_weight_bytes"] = sparse.tree_bytes(
-          sparse.compress_params(kernels, leaves))
+      memory["dense_weight_bytes"] = sparse.bytes_at(params, kernel_paths)
+      memory["compressed_weight_bytes"] = sparse.bytes_at(packed, kernel_paths)
       memory["model_dense_bytes"] = sparse.tree_bytes(params)
-      memory["model_compressed_bytes"] = sparse.tree_bytes(sparse.compress_params(params, leaves))
+      memory["model_compressed_bytes"] = sparse.tree_bytes(packed)
       memory["sparse_train_state_bytes"] = compressed
       memory["sparse_train_state_bytes_as_trained"] = as_trained
-      slope_state = jax.device_get(result.state)
-      kernel_paths = set(leaves)
       memory["pruned_layers_sparse_state_bytes"] = (
-          memory["compressed_weight_bytes"] + sparse.bytes_at(slope_state.opt_state, kernel_paths))
+          memory["compressed_weight_bytes"] + sparse.bytes_at(state.opt_state, kernel_paths))
       extra["extra_zero_fraction"] = sparse.extra_zero_fraction(params, leaves)
       extra["static_masks_held"] = sparse.static_masks_held(
-          params, recorded_positions(slope_state.opt_state), leaves)
+          params, recorded_positions(state.opt_state), leaves)
       extra["compressed_checkpoint"] = _save_compressed(
-          sparse.compress_params(params, leaves), os.path.join(workdir, "slope_compressed"))
+          packed, os.path.join(workdir, "slope_compressed"))
     mlog.log_progress(f"{name}: {rows[-1]}")
   if "dense_weight_bytes" in memory:
     memory["compressed_weight_ratio"] = (memory["compressed_weight_bytes"]

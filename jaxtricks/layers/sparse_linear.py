@@ -49,6 +49,10 @@ class NMLeaf:
   m: int = struct.field(pytree_node=False)
   axis: int = struct.field(pytree_node=False)
 
+  def matrix(self, w: jnp.ndarray) -> jnp.ndarray:
+    """The stored kernel as the (I, O) matrix of the layer's matmul (groups along I)."""
+    return w.reshape(math.prod(w.shape[:self.axis + 1]), -1)
+
 
 def pruned_init(init, n: int, m: int, in_ndim: int):
   """A kernel initializer whose draw is pruned N:M along the flattened input axes by magnitude."""

@@ -82,14 +82,12 @@ def extra_zero_fraction(params: Any, leaves: dict[Path, NMLeaf]) -> float:
   flat = traverse_util.flatten_dict(params)
   removed = total = 0
   for path, leaf in leaves.items():
-    w = flat[path]
-    n_in = int(np.prod(w.shape[:leaf.axis + 1]))
-    w_IxO = w.reshape(n_in, -1)
+    w_IxO = leaf.matrix(flat[path])
     mask_IxO = sparsity.nm_mask(w_IxO, leaf.n, leaf.m, axis=0)
     kept = int(jnp.count_nonzero(jnp.where(mask_IxO, w_IxO, 0)))
     removed += kept - int(jnp.count_nonzero(sparsity.double_prune(w_IxO, mask_IxO, leaf.n,
                                                                   leaf.m)))
-    total += w.size
+    total += w_IxO.size
   return removed / total if total else 0.0
 
 

@@ -61,12 +61,12 @@ def keep_nm_sparse(inner: optax.GradientTransformation,
 
   def init(params):
     flat = traverse_util.flatten_dict(params)
-    packed = {}
+    pos = {}
     for path, leaf in leaves.items():
       mask = sparsity.nm_mask(_unbox(flat[path]), leaf.n, leaf.m, leaf.axis)
-      pos = sparsity.kept_positions(mask, leaf.n, leaf.m, leaf.axis)
-      packed[path] = sparsity.pack_bits(pos, sparsity.index_bits(leaf.m))
-    pos = positions(packed, params)
+      pos[path] = sparsity.kept_positions(mask, leaf.n, leaf.m, leaf.axis)
+    packed = {path: sparsity.pack_bits(p, sparsity.index_bits(leaves[path].m))
+              for path, p in pos.items()}
     view = _map_sparse(lambda w, path, leaf: sparsity.gather_kept(w, pos[path], leaf.m, leaf.axis),
                        params, leaves)
     return NMSparseState(traverse_util.unflatten_dict(packed), inner.init(view))
@@ -170,11 +170,7 @@ def refresh_col_masks(inner: optax.GradientTransformation, every: int,
       col_path = (*path[:-1], "col_positions")
       if col_path not in flat_p:
         continue
-      new_w = flat_p[path] + flat_u[path]
-      n_in = 1
-      for d in new_w.shape[:leaf.axis + 1]:
-        n_in *= d
-      new = col_positions(new_w.reshape(n_in, -1), leaf.n, leaf.m)
+      new = col_positions(leaf.matrix(flat_p[path] + flat_u[path]), leaf.n, leaf.m)
       flat_u[col_path] = jnp.where(count % every == 0, new - flat_p[col_path], 0.0)
     return traverse_util.unflatten_dict(flat_u), RefreshState(count, inner_state)
 
