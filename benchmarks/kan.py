@@ -98,8 +98,10 @@ def time_steps(step: Callable[[], object], reps: int) -> dict:
 # --- JAX implementations: jitted value-and-gradient of sum(y * g) w.r.t. parameters and input.
 
 def _jax_step(loss: Callable, params, x) -> Callable[[], object]:
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  return lambda: jax.block_until_ready(grad(params, x))
+  # The loss value too, as a training step needs it: with jax.grad alone XLA drops the last
+  # layer's forward matmul (sum(y * g) is linear in y), which the PyTorch peers always run.
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return lambda: jax.block_until_ready(step(params, x))
 
 
 def _inputs(case: dict):

@@ -93,6 +93,8 @@ class KanConfig(Config):
   update_grid_every: int = 5
   update_grid_until: int = 50
   float64: bool = True
+  optimizer: str = "lbfgs"               # or adam (train.lr) for the grid ladder
+  carry_opt_state: bool = False          # map the optimizer state across refines (kan_state)
   grid_spans_range: bool = True          # first-layer knots always span the input domain
   hellokan: bool = True                  # then the pipeline: regularise, prune, symbolic
   hello_widths: tuple[int, ...] = (2, 5, 1)
@@ -120,6 +122,8 @@ class KanConfig(Config):
       raise ConfigError(f"hello_reg_form={self.hello_reg_form!r}: use sample, std or coef")
     if self.hello_entropy not in ("paper", "pykan"):
       raise ConfigError(f"hello_entropy={self.hello_entropy!r}: use paper or pykan")
+    if self.optimizer not in ("lbfgs", "adam"):
+      raise ConfigError(f"optimizer={self.optimizer!r}: use lbfgs or adam")
     if self.hello_iters_per_step < 1:
       raise ConfigError("hello_iters_per_step must be >= 1")
     if unknown := set(self.hello_library) - set(sym.LIBRARY):
@@ -132,7 +136,9 @@ class KanConfig(Config):
 
 def get_config(preset: str) -> KanConfig:
   if preset == "smoke":
+    # no grid updates inside fit (unit-tested): each one compiles a refit per model
     return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=TrainConfig(steps=20),
+                     update_grid_every=0,
                      hello_steps=10, hello_reg_steps=20, hello_iters_per_step=1,
                      hello_library=("x", "x^2", "exp", "sin"))
   if preset in SPECIAL:
@@ -173,15 +179,20 @@ def run(config: KanConfig, workdir: str) -> dict:
                            init_variables(model, jax.random.key(config.train.seed)))
   model = dataclasses.replace(model, dtype="float64" if config.float64 else "float32")
   rmse, train_rmse, refine_change = {}, {}, {}
+  carry, state = config.carry_opt_state, None
   for g in config.grids:
     if g != model.grid_size:
       before = forward(model, variables, x_train)
-      model, variables = refine(model, variables, x_train, grid_size=g)
+      model, variables, *mapped = refine(model, variables, x_train, grid_size=g,
+                                         opt_state=state if carry else None)
+      state = mapped[0] if carry else None
       refine_change[g] = float(jnp.sqrt(jnp.mean(jnp.square(forward(model, variables, x_train)
                                                             - before))))
-    variables, losses = fit(model, variables, x_train, y_train, config.train.steps,
-                            update_grid_every=config.update_grid_every,
-                            update_grid_until=config.update_grid_until)
+    variables, losses, state = fit(
+        model, variables, x_train, y_train, config.train.steps, optimizer=config.optimizer,
+        lr=config.train.lr, update_grid_every=config.update_grid_every,
+        update_grid_until=config.update_grid_until, opt_state=state, carry_state=carry,
+        return_state=True)
     train_rmse[g] = float(jnp.sqrt(losses[-1]))
     rmse[g] = float(jnp.sqrt(mse(model, variables, x_test, y_test)))
     mlog.log_progress(f"grid {g}: train RMSE {train_rmse[g]:.3e}, test RMSE {rmse[g]:.3e}")

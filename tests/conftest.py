@@ -51,3 +51,15 @@ def smoke_run(tmp_path_factory):
       summary=json.loads((workdir / "summary.json").read_text()),
       config=json.loads((workdir / "config.json").read_text()),
       metrics=support.read_jsonl(workdir / "metrics.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def mtp_smoke_run(tmp_path_factory):
+  """`launch.py --exp=mtp` with the smoke run's flags, one device: the MTP experiment's summary
+  and the one-device reference of the sharded multi-token run."""
+  workdir = tmp_path_factory.mktemp("mtp") / "run"
+  proc = support.launch("--exp=mtp", *support.SMOKE_FLAGS[1:], f"--workdir={workdir}")
+  assert proc.returncode == 0, support.describe(proc)
+  return types.SimpleNamespace(
+      workdir=workdir, summary=json.loads((workdir / "summary.json").read_text()),
+      metrics=support.read_jsonl(workdir / "metrics.jsonl"))

@@ -12,7 +12,8 @@ from tests import support
 
 def test_kan_smoke_grid_extension(tmp_path):
   workdir = tmp_path / "kan"
-  proc = support.launch("--exp=kan", "--preset=smoke", f"--workdir={workdir}")
+  proc = support.launch("--exp=kan", "--preset=smoke", "--carry_opt_state=true",
+                        f"--workdir={workdir}")
   assert proc.returncode == 0, support.describe(proc)
   summary = json.loads((workdir / "summary.json").read_text())
   rmse = {int(g): r for g, r in summary["rmse_by_grid"].items()}

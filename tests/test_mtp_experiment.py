@@ -9,11 +9,8 @@ from tests import support
 
 
 @pytest.fixture(scope="module")
-def mtp_smoke(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("mtp") / "run"
-  proc = support.launch("--exp=mtp", "--preset=smoke", f"--workdir={workdir}")
-  assert proc.returncode == 0, support.describe(proc)
-  return workdir, json.loads((workdir / "summary.json").read_text())
+def mtp_smoke(mtp_smoke_run):
+  return mtp_smoke_run.workdir, mtp_smoke_run.summary
 
 
 def test_summary_holds_the_documented_keys(mtp_smoke):

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from experiments import get_config
+from jaxtricks.config import override
 from jaxtricks.errors import ConfigError
 from jaxtricks.sharding import MeshConfig, data_parallel_size, logical_to_spec
+from jaxtricks.train.loop import train
 from tests import sharded_runs, support
 
 
@@ -93,12 +96,9 @@ def test_sharded_run_equals_one_device_run(sharded, smoke_run, name, mesh):
                                                            rel=1e-5)
 
 
-def test_sharded_multi_token_run_equals_one_device_run(sharded, tmp_path):
+def test_sharded_multi_token_run_equals_one_device_run(sharded, mtp_smoke_run):
   workdir, _ = sharded
-  flags = ("--exp=mtp", *support.SMOKE_FLAGS[1:])
-  proc = support.launch(*flags, f"--workdir={tmp_path / 'mtp'}")
-  assert proc.returncode == 0, support.describe(proc)
-  reference = support.read_jsonl(tmp_path / "mtp" / "metrics.jsonl")
+  reference = mtp_smoke_run.metrics
   records = support.read_jsonl(workdir / "mtp_fsdp8" / "metrics.jsonl")
   ref_train, got_train = support.train_records(reference), support.train_records(records)
   assert len(ref_train) == 6
@@ -109,9 +109,9 @@ def test_sharded_multi_token_run_equals_one_device_run(sharded, tmp_path):
 
 def test_sharded_slope_run_equals_one_device_run(sharded, tmp_path):
   workdir, _ = sharded
-  overrides = [f"--{k}={v}" for k, v in sharded_runs.SLOPE_OVERRIDES.items()]
-  proc = support.launch(*support.SMOKE_FLAGS, *overrides, f"--workdir={tmp_path / 'slope'}")
-  assert proc.returncode == 0, support.describe(proc)
+  config = override(get_config("lm", "smoke"),  # in this process: one device
+                    {**support.SMOKE_OVERRIDES, **sharded_runs.SLOPE_OVERRIDES})
+  train(config, str(tmp_path / "slope"))
   reference = support.train_records(support.read_jsonl(tmp_path / "slope" / "metrics.jsonl"))
   got = support.train_records(support.read_jsonl(workdir / "slope_fsdp8" / "metrics.jsonl"))
   assert len(reference) == 6

@@ -32,8 +32,8 @@ def _assert_same(plain, spec):
 @pytest.mark.parametrize("kind", ["transformer", "linear"])
 def test_greedy_speculative_equals_greedy_on_random_models(kind):
   model = Transformer(dataclasses.replace(CFG, mtp_head=kind))
-  init = jax.jit(model.init)  # one compilation for the six draws (eager init is slow)
-  for seed in range(6):  # random weights and prompts, hypothesis-style
+  init = jax.jit(model.init)  # one compilation for the four draws (eager init is slow)
+  for seed in range(4):  # random weights and prompts, hypothesis-style
     params = init(jax.random.key(seed), jnp.zeros((1, P_MAX), jnp.int32))["params"]
     prompts = _prompts(seed)
     plain = generate(model, params, prompts, NEW)

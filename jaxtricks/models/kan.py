@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtricks.layers.kan import KANLayer
+from jaxtricks.models.kan_state import carry_opt_state
 from jaxtricks.ops import kan
 
 
@@ -66,16 +67,38 @@ def init_variables(model: KAN, rng: jax.Array) -> dict:
 
 
 def refine(model: KAN, variables: dict, x_NxI: jnp.ndarray, grid_size: int | None = None,
-           grid_eps: float = 0.02, ridge: float = 1e-8) -> tuple[KAN, dict]:
+           grid_eps: float = 0.02, ridge: float = 1e-8, opt_state: Any = None):
   """Grid update (same G) or extension (G -> grid_size): per layer, knots from the samples'
   activations at that layer, and spline coefficients refitted by least squares to the old
-  splines at those samples, so the network's function is kept (up to the fit error)."""
+  splines at those samples, so the network's function is kept (up to the fit error).
+
+  Returns (new model, new variables); with `opt_state` (an optax Adam or L-BFGS state from
+  `fit(..., return_state=True)`) also that state mapped onto the new coefficients
+  (`kan_state.carry_opt_state`), to continue training without restarting the optimizer.
+  """
   if model.basis != "bspline":
     raise ValueError(f"grid updates need the B-spline basis, this KAN uses {model.basis!r}")
   new_model = dataclasses.replace(model, grid_size=grid_size or model.grid_size)
   params, grids = _refitter(model, new_model.grid_size, float(grid_eps), float(ridge))(
       variables["params"], variables["grid"], x_NxI)
-  return new_model, {"params": params, "grid": grids}
+  new_variables = {"params": params, "grid": grids}
+  if opt_state is None:
+    return new_model, new_variables
+  maps = _mapper(model, float(ridge))(variables["params"], variables["grid"], grids, x_NxI)
+  return new_model, new_variables, carry_opt_state(opt_state, maps, params)
+
+
+@functools.lru_cache(maxsize=64)
+def _mapper(model: KAN, ridge: float):
+  """The refit matrices {layer: M (I, G' + k, G + k)} from the old to the new knots."""
+  @jax.jit
+  def run(params, grids, new_grids, x_NxI):
+    _, inputs, _ = model.apply({"params": params, "grid": grids}, x_NxI, return_edges=True)
+    return {f"layer_{layer}": kan.refit_matrix(x_in, grids[f"layer_{layer}"]["knots"],
+                                               new_grids[f"layer_{layer}"]["knots"],
+                                               model.order, ridge)
+            for layer, x_in in enumerate(inputs)}
+  return run
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,16 +138,20 @@ def mse(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray) -> 
 def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, steps: int,
         optimizer: str = "lbfgs", lr: float = 1e-2, reg: Any = None,
         update_grid_every: int = 0, update_grid_until: int = 0,
-        iters_per_step: int = 1) -> tuple[dict, jnp.ndarray]:
+        iters_per_step: int = 1, opt_state: Any = None, carry_state: bool = False,
+        return_state: bool = False):
   """Full-batch training: `steps` steps of `iters_per_step` L-BFGS iterations each (optax, zoom
-  line search, history 10) or Adam updates; returns the variables and the loss per iteration.
+  line search, history 10) or Adam updates; returns the variables and the loss per iteration,
+  and with return_state=True also the optimizer state (to continue with `opt_state=`, or to map
+  across a grid extension with `refine(..., opt_state=)`).
 
   One step of pykan's fit is one call of its L-BFGS, up to 20 iterations (torch's max_iter), so
   iters_per_step=20 trains as long as pykan's fit with the same `steps`.
   reg(params, grid, x) -> scalar (e.g. `kan_prune.Regularizer`, hashable) is added to the MSE
   when given. With update_grid_every = u > 0 the knots follow the layer inputs (`refine` at the
   same G) every u steps until step update_grid_until, as pykan's fit does (5 and 50); the
-  optimizer restarts after each update. Compiled once per (model, chunk length, optimizer).
+  optimizer restarts after each update, or with carry_state=True keeps its state mapped onto the
+  new knots. Compiled once per (model, chunk length, optimizer).
   """
   if optimizer not in ("lbfgs", "adam"):
     raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
@@ -133,27 +160,44 @@ def fit(model: KAN, variables: dict, x_NxI: jnp.ndarray, y_NxO: jnp.ndarray, ste
   steps, update_grid_every, update_grid_until = (
       steps * iters_per_step, update_grid_every * iters_per_step,
       update_grid_until * iters_per_step)
+  init = _initializer(optimizer, float(lr))
+  state = init(variables["params"]) if opt_state is None else opt_state
   losses, done = [], 0
   while done < steps:
     chunk = steps - done
     if update_grid_every > 0 and done < update_grid_until and model.basis == "bspline":
       chunk = min(update_grid_every, chunk)
     run = _runner(model, chunk, optimizer, float(lr), reg)
-    params, part = run(variables["params"], variables["grid"], x_NxI, y_NxO)
+    params, state, part = run(variables["params"], variables["grid"], x_NxI, y_NxO, state)
     variables = {"params": params, "grid": variables["grid"]}
     losses.append(part)
     done += chunk
     if chunk == update_grid_every and done < min(update_grid_until, steps):
-      _, variables = refine(model, variables, x_NxI)
-  return variables, jnp.concatenate(losses)
+      if carry_state:
+        _, variables, state = refine(model, variables, x_NxI, opt_state=state)
+      else:
+        _, variables = refine(model, variables, x_NxI)
+        state = init(variables["params"])
+  losses = jnp.concatenate(losses) if losses else jnp.zeros((0,), x_NxI.dtype)
+  return (variables, losses, state) if return_state else (variables, losses)
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(optimizer: str, lr: float) -> optax.GradientTransformation:
+  return optax.lbfgs(memory_size=10) if optimizer == "lbfgs" else optax.adam(lr)
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(optimizer: str, lr: float):
+  return jax.jit(_optimizer(optimizer, lr).init)  # one program, not one per eager op
 
 
 @functools.lru_cache(maxsize=64)
 def _runner(model: KAN, steps: int, optimizer: str, lr: float, reg: Any):
-  tx = optax.lbfgs(memory_size=10) if optimizer == "lbfgs" else optax.adam(lr)
+  tx = _optimizer(optimizer, lr)
 
   @jax.jit
-  def run(params, grid, x_NxI, y_NxO):
+  def run(params, grid, x_NxI, y_NxO, state):
     def loss(params):
       value = mse(model, {"params": params, "grid": grid}, x_NxI, y_NxO)
       return value if reg is None else value + reg(params, grid, x_NxI)
@@ -168,6 +212,6 @@ def _runner(model: KAN, steps: int, optimizer: str, lr: float, reg: Any):
         updates, state = tx.update(grad, state, params)
       return (optax.apply_updates(params, updates), state), value
 
-    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-    return params, losses
+    (params, state), losses = jax.lax.scan(step, (params, state), None, length=steps)
+    return params, state, losses
   return run
