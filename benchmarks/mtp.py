@@ -11,11 +11,18 @@
 3. Greedy decoding of held-out prompts with 1..n heads against plain greedy `generate` (same
    cache, same prompts): tokens per forward pass and wall-clock speedup. The model is the
    `--exp=mtp` default run in --workdir (trained there first if the directory has none).
+4. What a verification pass costs against a greedy pass as the model grows (random weights,
+   batch 1): speedup = tokens per forward x greedy ms per token / ms per pass, so a 1.5x speedup
+   needs tokens per forward >= 1.5 x that cost ratio. Each extra transformer head is one more
+   layer of weights to read and k positions more compute per pass.
+
+`--sections` runs a subset; the JSON keeps the other sections of an earlier run at --out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -24,6 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -32,6 +40,7 @@ from experiments import mtp  # noqa: E402
 from experiments.mtp import timed  # noqa: E402
 from jaxtricks.data.sources import held_out_prompts  # noqa: E402
 from jaxtricks.decode import generate, speculative_generate  # noqa: E402
+from jaxtricks.models.transformer import Transformer  # noqa: E402
 from jaxtricks.ops.mtp import loss_temp_bytes  # noqa: E402
 from jaxtricks.train.loop import train  # noqa: E402
 
@@ -39,6 +48,7 @@ flags.DEFINE_string("out", "benchmarks/results/mtp.json", "JSON output path")
 flags.DEFINE_string("workdir", "runs/mtp", "workdir of the --exp=mtp default run to decode with")
 flags.DEFINE_integer("steps", 8, "timed train steps per config")
 flags.DEFINE_integer("repeats", 3, "timed decoding calls per setting (best is kept)")
+flags.DEFINE_list("sections", ["step", "memory", "decode", "pass_cost"], "sections to run")
 FLAGS = flags.FLAGS
 
 
@@ -112,30 +122,76 @@ def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
   return rows, info
 
 
+PASS_COST_MODELS = ((128, 4), (512, 4), (1024, 4), (512, 12))  # (d_model, n_layers)
+
+
+def pass_cost(repeats: int, new_tokens: int = 64) -> list[dict]:
+  """Batch-1 greedy and speculative decoding of random models of growing size (4 transformer
+  heads, 64-byte random prompt): ms per greedy token, ms per verification pass, their ratio."""
+  rows = []
+  prompt = [list(np.random.default_rng(0).integers(0, 256, 64))]
+  for d, layers in PASS_COST_MODELS:
+    cfg = mtp.get_config("default").model
+    cfg = dataclasses.replace(cfg, d_model=d, n_layers=layers, n_heads=d // 64, n_kv_heads=0,
+                              d_ff=0, mtp_heads=4, mtp_head="transformer")
+    model = Transformer(cfg)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    plain, t_plain = timed(lambda m=model, p=params: generate(m, p, prompt, new_tokens),
+                           repeats)
+    greedy_ms = 1e3 * t_plain / plain.forward_passes
+    row = {"d_model": d, "n_layers": layers, "param_bytes": int(sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(params))),
+           "greedy_ms_per_token": greedy_ms, "pass_cost_ratio": {}}
+    for k in (2, 3, 4):
+      spec, t = timed(lambda k=k, m=model, p=params: speculative_generate(
+          m, p, prompt, new_tokens, n_heads=k), repeats)
+      row["pass_cost_ratio"][k] = 1e3 * t / spec.forward_passes / greedy_ms
+    rows.append(row)
+    ratios = " ".join(f"k={k}: {r:.2f}" for k, r in row["pass_cost_ratio"].items())
+    print(f"  d={d} L={layers} ({row['param_bytes'] / 1e6:.0f} MB): greedy "
+          f"{greedy_ms:.2f} ms/token; pass / greedy pass {ratios}")
+  return rows
+
+
 def main(argv: list[str]) -> None:
   del argv
-  print("1. train step, n=4 transformer heads vs n=1, same trunk")
-  steps = step_overhead(FLAGS.steps)
-  print("2. loss gradient temporary memory (XLA memory analysis), n=4, T=2048, d=256")
-  memory = loss_memory()
-  print(f"  {'vocab':>6} {'naive MiB':>10} {'efficient MiB':>14} {'ratio':>6}")
-  for r in memory:
-    print(f"  {r['vocab']:>6} {r['naive_bytes'] / 2**20:>10.1f} "
-          f"{r['efficient_bytes'] / 2**20:>14.1f} {r['ratio']:>6.2f}")
-  print(f"3. greedy decoding with 1..n heads, the --exp=mtp default model in {FLAGS.workdir}")
-  decode, info = decoding(FLAGS.workdir, FLAGS.repeats)
-  print(f"  held-out prompts of {info['prompt_len']} bytes, {info['new_tokens']} new tokens")
-  print(f"  {'batch':>5} {'heads':>5} {'tok/fwd':>8} {'ms/pass':>8} {'greedy ms/pass':>14} "
-        f"{'speedup':>8} {'identical':>9}  acceptance per position")
-  for r in decode:
-    acc = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
-    print(f"  {r['batch']:>5} {r['heads']:>5} {r['tokens_per_forward']:>8.2f} "
-          f"{r['ms_per_pass']:>8.3f} {r['greedy_ms_per_pass']:>14.3f} "
-          f"{r['speedup_vs_greedy']:>7.2f}x {r['identical_to_greedy']!s:>9}  {acc}")
-  out = {
-      "machine": common.machine_info(),
-      "train_step": steps, "loss_memory": memory, "decoding": decode, "decoding_setup": info,
-  }
+  unknown = set(FLAGS.sections) - {"step", "memory", "decode", "pass_cost"}
+  if unknown:
+    raise app.UsageError(f"unknown --sections {sorted(unknown)}")
+  out = {}
+  if os.path.exists(FLAGS.out):  # sections not run now keep their earlier figures
+    with open(FLAGS.out) as f:
+      out = json.load(f)
+  out.setdefault("machine_by_section", {})
+  machine = common.machine_info()
+  if "step" in FLAGS.sections:
+    print("1. train step, n=4 transformer heads vs n=1, same trunk")
+    out["train_step"] = step_overhead(FLAGS.steps)
+  if "memory" in FLAGS.sections:
+    print("2. loss gradient temporary memory (XLA memory analysis), n=4, T=2048, d=256")
+    out["loss_memory"] = memory = loss_memory()
+    print(f"  {'vocab':>6} {'naive MiB':>10} {'efficient MiB':>14} {'ratio':>6}")
+    for r in memory:
+      print(f"  {r['vocab']:>6} {r['naive_bytes'] / 2**20:>10.1f} "
+            f"{r['efficient_bytes'] / 2**20:>14.1f} {r['ratio']:>6.2f}")
+  if "decode" in FLAGS.sections:
+    print(f"3. greedy decoding with 1..n heads, the --exp=mtp default model in {FLAGS.workdir}")
+    decode, info = decoding(FLAGS.workdir, FLAGS.repeats)
+    out["decoding"], out["decoding_setup"] = decode, info
+    print(f"  held-out prompts of {info['prompt_len']} bytes, {info['new_tokens']} new tokens")
+    print(f"  {'batch':>5} {'heads':>5} {'tok/fwd':>8} {'ms/pass':>8} {'greedy ms/pass':>14} "
+          f"{'speedup':>8} {'identical':>9}  acceptance per position")
+    for r in decode:
+      acc = " ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
+      print(f"  {r['batch']:>5} {r['heads']:>5} {r['tokens_per_forward']:>8.2f} "
+            f"{r['ms_per_pass']:>8.3f} {r['greedy_ms_per_pass']:>14.3f} "
+            f"{r['speedup_vs_greedy']:>7.2f}x {r['identical_to_greedy']!s:>9}  {acc}")
+  if "pass_cost" in FLAGS.sections:
+    print("4. verification pass against greedy pass, batch 1, random models of growing size")
+    out["pass_cost"] = pass_cost(FLAGS.repeats)
+  for section in FLAGS.sections:
+    out["machine_by_section"][section] = machine
+  out["machine"] = machine
   common.write_results(out, FLAGS.out)
 
 
