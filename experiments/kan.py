@@ -14,6 +14,10 @@ grids, test points just outside the hull are otherwise extrapolated and dominate
 (README). pykan's tutorial reports test RMSE 1.53e-2, 3.29e-4, 4.04e-5, 1.24e-5 at
 G = 3, 10, 20, 50; README has what this gives.
 
+--optimizer=adam (with --train.lr) trains the ladder with Adam instead of L-BFGS, and
+--carry_opt_state=true maps the optimizer state across every refine instead of restarting it
+(jaxtricks/models/kan_state.py; README compares the two).
+
 summary.json: rmse_by_grid {G: test RMSE}, train_rmse_by_grid, refine_rmse_change {G: RMSE
 between the outputs before and after extending to G}, scaling_slope (log-log slope of test RMSE
 over G = 5..50), best_test_rmse, paper_kan_rmse; kan_grid_extension.png. The model/data/mesh
