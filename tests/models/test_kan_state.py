@@ -95,6 +95,9 @@ def test_fit_carries_the_state_across_its_grid_updates():
   variables = init_variables(MODEL, jax.random.key(1))
   _, losses, state = fit(MODEL, variables, X, Y, 4, optimizer="adam", update_grid_every=2,
                          update_grid_until=4, carry_state=True, return_state=True)
-  assert losses.shape == (4,) and int(state[0].count) == 4
+  assert losses.shape == (4,) and int(state[0].count) == 4  # one Adam run across the update
+  _, _, restarted = fit(MODEL, variables, X, Y, 4, optimizer="adam", update_grid_every=2,
+                        update_grid_until=4, return_state=True)
+  assert int(restarted[0].count) == 2  # a fresh Adam after the update at step 2
   with pytest.raises(ConfigError):
     carry_opt_state(optax.sgd(1e-2, momentum=0.9).init(variables["params"]), {}, {})
