@@ -122,7 +122,7 @@ def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
   return rows, info
 
 
-PASS_COST_MODELS = ((128, 4), (512, 4), (1024, 4), (512, 12))  # (d_model, n_layers)
+PASS_COST_MODELS = ((128, 4), (512, 4), (1024, 4), (512, 12), (384, 12))  # (d_model, n_layers)
 
 
 def pass_cost(repeats: int, new_tokens: int = 64) -> list[dict]:

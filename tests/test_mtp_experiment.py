@@ -27,7 +27,8 @@ def test_summary_holds_the_documented_keys(mtp_smoke):
   assert 1.0 <= spec["tokens_per_forward"] <= n
   assert len(spec["acceptance_per_position"]) == n - 1
   assert spec["speedup_vs_greedy"] > 0
-  assert spec["batch1"]["prompts"] == 1 and spec["batch1"]["identical_to_greedy"] is True
+  assert spec["batch1"]["prompts"] == spec["prompts"] == 2  # each prompt alone, in turn
+  assert spec["batch1"]["identical_to_greedy"] is True
   mem = summary["mem"]
   assert 0 < mem["loss_temp_bytes_efficient"] < mem["loss_temp_bytes_naive"]
   assert isinstance(summary["sample"]["continuation"], str)
