@@ -174,33 +174,39 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
                       tc.async_checkpoints)
-  if ckpt.all_steps():
-    check_resumable(workdir, config)
-  restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
-  resumed = restored is not None
-  start = 0
-  if resumed:
-    start, state, meta = restored
-    if meta.get("seed") != tc.seed:
-      logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"),
-                      tc.seed)
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
-  else:
-    state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
-  mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
-  writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
-                           resume_step=start if resumed else None)
-  n_params = count_params(state.params)
-  logging.info("%s: %s parameters, mesh %s, %d devices, %d processes", exp, f"{n_params:,}",
-               dict(mesh.shape), jax.device_count(), jax.process_count())
+  try:
+    if ckpt.all_steps():
+      check_resumable(workdir, config)
+    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+    resumed = restored is not None
+    start = 0
+    if resumed:
+      start, state, meta = restored
+      if meta.get("seed") != tc.seed:
+        logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"),
+                        tc.seed)
+      logging.info("resumed from %s at step %d", ckpt.directory, start)
+    else:
+      state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
+    mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
+    writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
+                             resume_step=start if resumed else None)
+    n_params = count_params(state.params)
+    logging.info("%s: %s parameters, mesh %s, %d devices, %d processes", exp, f"{n_params:,}",
+                 dict(mesh.shape), jax.device_count(), jax.process_count())
 
-  data_sharding = sharding.batch_sharding(mesh)
-  pid, pcount = jax.process_index(), jax.process_count()
-  train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(model, tx, loss_fn, schedule, tc.skip_nonfinite), shardings, mesh)
-  eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, loss_fn), shardings, mesh)
-  val = [_to_global(b, data_sharding, tc.batch_size)
-         for b in source.eval_batches(tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
+    data_sharding = sharding.batch_sharding(mesh)
+    pid, pcount = jax.process_index(), jax.process_count()
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(model, tx, loss_fn, schedule, tc.skip_nonfinite), shardings, mesh)
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, loss_fn), shardings, mesh)
+    val = [_to_global(b, data_sharding, tc.batch_size)
+           for b in source.eval_batches(tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
+  except BaseException:
+    # A user error before the loop (another model's checkpoints, a full disk) still closes the
+    # manager: its background cleanup thread would otherwise print a traceback at exit.
+    ckpt.close()
+    raise
 
   tokens_per_step = tc.batch_size * tc.seq_len
   recent = collections.deque(maxlen=max(1, min(tc.log_every or 1, 50)))
