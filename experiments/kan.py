@@ -187,9 +187,11 @@ def run(config: KanConfig, workdir: str) -> dict:
   for g in config.grids:
     if g != model.grid_size:
       before = forward(model, variables, x_train)
-      model, variables, *mapped = refine(model, variables, x_train, grid_size=g,
-                                         opt_state=state if carry else None)
-      state = mapped[0] if carry else None
+      if carry:
+        model, variables, state = refine(model, variables, x_train, grid_size=g, opt_state=state)
+      else:
+        model, variables = refine(model, variables, x_train, grid_size=g)
+        state = None  # fit starts a fresh optimizer
       refine_change[g] = float(jnp.sqrt(jnp.mean(jnp.square(forward(model, variables, x_train)
                                                             - before))))
     variables, losses, state = fit(

@@ -111,29 +111,15 @@ def decoding(result: RunResult, config: MtpConfig) -> dict:
   params = jax.device_get(result.state.params)
   prompts, n_new = _prompts(result, config), config.spec_new_tokens
 
-  def measure(batch: list) -> dict:
-    plain, t_plain = timed(lambda: generate(result.model, params, batch, n_new))
-    spec, t_spec = timed(lambda: speculative_generate(result.model, params, batch, n_new))
-    return {
-        "tokens_per_forward": spec.tokens_per_forward,
-        "acceptance_per_position": list(spec.acceptance_per_position),
-        "speedup_vs_greedy": t_plain / t_spec,
-        "greedy_tokens_per_s": float(plain.lengths.sum()) / t_plain,
-        "speculative_tokens_per_s": float(spec.lengths.sum()) / t_spec,
-        "identical_to_greedy": bool(np.array_equal(plain.tokens, spec.tokens)
-                                    and np.array_equal(plain.lengths, spec.lengths)),
-        "prompts": len(batch), "new_tokens": n_new,
-    }
-
-  def measure_one_by_one(batch: list) -> dict:
-    """Each prompt decoded alone (batch 1), in turn: totals over the prompts."""
-    plain = [timed(lambda p=p: generate(result.model, params, [p], n_new)) for p in batch]
-    spec = [timed(lambda p=p: speculative_generate(result.model, params, [p], n_new))
-            for p in batch]
+  def measure(batches: list[list]) -> dict:
+    """Plain against speculative greedy decoding of each batch in turn; totals over them."""
+    plain = [timed(lambda b=b: generate(result.model, params, b, n_new)) for b in batches]
+    spec = [timed(lambda b=b: speculative_generate(result.model, params, b, n_new))
+            for b in batches]
     t_plain, t_spec = sum(t for _, t in plain), sum(t for _, t in spec)
     tokens = sum(float(g.lengths.sum()) for g, _ in spec)
     passes = sum(float(g.lengths.sum()) / g.tokens_per_forward for g, _ in spec)
-    return {
+    out = {
         "tokens_per_forward": tokens / passes,
         "speedup_vs_greedy": t_plain / t_spec,
         "greedy_tokens_per_s": sum(float(g.lengths.sum()) for g, _ in plain) / t_plain,
@@ -141,11 +127,14 @@ def decoding(result: RunResult, config: MtpConfig) -> dict:
         "identical_to_greedy": all(
             np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths)
             for (a, _), (b, _) in zip(plain, spec, strict=True)),
-        "prompts": len(batch), "new_tokens": n_new,
+        "prompts": sum(len(b) for b in batches), "new_tokens": n_new,
     }
+    if len(batches) == 1:
+      out["acceptance_per_position"] = list(spec[0][0].acceptance_per_position)
+    return out
 
-  out = {"heads_used": result.model.config.mtp_heads, **measure(prompts)}
-  out["batch1"] = measure_one_by_one(prompts)
+  out = {"heads_used": result.model.config.mtp_heads, **measure([prompts])}
+  out["batch1"] = measure([[p] for p in prompts])  # each prompt alone, in turn
   out["identical_to_greedy"] = out["identical_to_greedy"] and out["batch1"]["identical_to_greedy"]
   return out
 

@@ -79,35 +79,23 @@ def refine(model: KAN, variables: dict, x_NxI: jnp.ndarray, grid_size: int | Non
   if model.basis != "bspline":
     raise ValueError(f"grid updates need the B-spline basis, this KAN uses {model.basis!r}")
   new_model = dataclasses.replace(model, grid_size=grid_size or model.grid_size)
-  params, grids = _refitter(model, new_model.grid_size, float(grid_eps), float(ridge))(
-      variables["params"], variables["grid"], x_NxI)
+  with_maps = opt_state is not None
+  params, grids, maps = _refitter(model, new_model.grid_size, float(grid_eps), float(ridge),
+                                  with_maps)(variables["params"], variables["grid"], x_NxI)
   new_variables = {"params": params, "grid": grids}
-  if opt_state is None:
+  if not with_maps:
     return new_model, new_variables
-  maps = _mapper(model, float(ridge))(variables["params"], variables["grid"], grids, x_NxI)
   return new_model, new_variables, carry_opt_state(opt_state, maps, params)
 
 
 @functools.lru_cache(maxsize=64)
-def _mapper(model: KAN, ridge: float):
-  """The refit matrices {layer: M (I, G' + k, G + k)} from the old to the new knots."""
-  @jax.jit
-  def run(params, grids, new_grids, x_NxI):
-    _, inputs, _ = model.apply({"params": params, "grid": grids}, x_NxI, return_edges=True)
-    return {f"layer_{layer}": kan.refit_matrix(x_in, grids[f"layer_{layer}"]["knots"],
-                                               new_grids[f"layer_{layer}"]["knots"],
-                                               model.order, ridge)
-            for layer, x_in in enumerate(inputs)}
-  return run
-
-
-@functools.lru_cache(maxsize=64)
-def _refitter(model: KAN, grid_size: int, grid_eps: float, ridge: float):
-  """One compiled program per (model, new G) instead of op-by-op dispatch."""
+def _refitter(model: KAN, grid_size: int, grid_eps: float, ridge: float, with_maps: bool):
+  """One compiled program per (model, new G) instead of op-by-op dispatch; with_maps also gives
+  each layer's refit matrix M (I, G' + k, G + k), the linear map old -> new coefficients."""
   @jax.jit
   def run(params, grids, x_NxI):
     _, inputs, _ = model.apply({"params": params, "grid": grids}, x_NxI, return_edges=True)
-    params, grids = dict(params), dict(grids)
+    params, grids, maps = dict(params), dict(grids), {}
     for layer, x_in in enumerate(inputs):
       name = f"layer_{layer}"
       p, old = params[name], grids[name]["knots"]
@@ -116,7 +104,9 @@ def _refitter(model: KAN, grid_size: int, grid_eps: float, ridge: float):
       new = kan.grid_from_samples(x_in, grid_size, model.order, grid_eps, span)
       params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
       grids[name] = dict(grids[name], knots=new)  # a pruning mask stays
-    return params, grids
+      if with_maps:
+        maps[name] = kan.refit_matrix(x_in, old, new, model.order, ridge)
+    return params, grids, maps
   return run
 
 
