@@ -23,6 +23,7 @@ import time
 
 import jax
 
+from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.data.sources import held_out_prompts
@@ -65,7 +66,7 @@ def get_config(preset: str) -> ClaConfig:
         model=ModelConfig(d_model=32, n_layers=4, n_heads=4),
         train=TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, log_every=3,
                           ckpt_every=0, eval_batches=1),
-        variants=("MHA", "MQA", "MQA-CLA2"), decode_batch=2, decode_prompt_len=8,
+        decode_batch=2, decode_prompt_len=8,
         decode_new_tokens=8, context_len=256)
   if preset == "default":
     return ClaConfig(
@@ -89,32 +90,40 @@ def _decode_speed(result, config: ClaConfig) -> float:
   return float(out.lengths.sum()) / (time.perf_counter() - t0)
 
 
+def _train_variant(cfg: ClaConfig, name: str, directory: str) -> dict:
+  result = train(cfg, directory, exp=f"cla/{name}")
+  per_seq = cache_bytes(init_cache(cfg.model, 1, cfg.context_len))
+  row = {
+      "name": name,
+      "params": result.summary["params"],
+      "kv_bytes_per_token": kv_bytes_per_token(cfg.model),
+      "cache_bytes_per_sequence": per_seq,
+      "val_loss": result.summary["val_loss"],
+      "decode_tokens_per_s": _decode_speed(result, cfg),
+      "max_batch_at_context": cfg.budget_bytes // per_seq,
+      "kv_source": list(cfg.model.kv_source),
+  }
+  mlog.log_progress(f"{name}: {row}")
+  return row
+
+
 def run(config: ClaConfig, workdir: str) -> dict:
   table = variant_overrides(config.model)
   names = config.variants or tuple(table)
   unknown = [n for n in names if n not in table]
   if unknown:
     raise ConfigError(f"unknown variants {unknown}; valid: {', '.join(table)}")
+  configs = {name: dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                         **table[name]))
+             for name in names}
+  for cfg in configs.values():  # refuse a bad config before any training
+    cfg.validate()
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="cla"))
-  rows = []
-  for name in names:
-    model_cfg = dataclasses.replace(config.model, **table[name])
-    cfg = dataclasses.replace(config, model=model_cfg)
-    result = train(cfg, os.path.join(workdir, "variants", name), exp=f"cla/{name}")
-    per_seq = cache_bytes(init_cache(model_cfg, 1, config.context_len))
-    rows.append({
-        "name": name,
-        "params": result.summary["params"],
-        "kv_bytes_per_token": kv_bytes_per_token(model_cfg),
-        "cache_bytes_per_sequence": per_seq,
-        "val_loss": result.summary["val_loss"],
-        "decode_tokens_per_s": _decode_speed(result, config),
-        "max_batch_at_context": config.budget_bytes // per_seq,
-        "kv_source": list(model_cfg.kv_source),
-    })
-    mlog.log_progress(f"{name}: {rows[-1]}")
+  rows = run_variants(workdir, names,
+                      lambda name: variant_key(configs[name], ignore=("variants",)),
+                      lambda name, directory: _train_variant(configs[name], name, directory))
   summary = {"exp": "cla", "steps": config.train.steps, "variants": rows,
              "budget_bytes": config.budget_bytes, "context_len": config.context_len,
              "wall_s": time.time() - t_start, "config": flatten(config)}

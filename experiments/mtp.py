@@ -30,6 +30,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.data.corpus import DataConfig
@@ -209,15 +210,24 @@ def run(config: MtpConfig, workdir: str) -> dict:
   if not config.compare_heads:
     summary = {"exp": "mtp", **_one_run(config, workdir, "mtp")}
   else:
-    runs = []
-    for n in config.compare_heads:
-      model = dataclasses.replace(config.model, mtp_heads=n)
-      cfg = dataclasses.replace(config, model=model)
-      row = _one_run(cfg, os.path.join(workdir, "runs", f"n{n}"), f"mtp/n{n}")
-      runs.append({"heads": n, "depth": model.depth, **row})
-      mlog.log_progress(f"n={n}: " + _row_text(runs[-1]))
-    summary = {"exp": "mtp", "runs": runs, **runs[-1]}
+    configs = {f"n{n}": dataclasses.replace(
+        config, model=dataclasses.replace(config.model, mtp_heads=n))
+        for n in config.compare_heads}
+    for cfg in configs.values():  # refuse a bad config before any training
+      cfg.validate()
+
+    def one(name: str, directory: str) -> dict:
+      cfg = configs[name]
+      row = {"heads": cfg.model.mtp_heads, "depth": cfg.model.depth,
+             **_one_run(cfg, directory, f"mtp/{name}")}
+      mlog.log_progress(f"{name}: " + _row_text(row))
+      return row
+
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="mtp"))
+    runs = run_variants(workdir, list(configs),
+                        lambda name: variant_key(configs[name], ignore=("compare_heads",)), one,
+                        subdir="runs")
+    summary = {"exp": "mtp", "runs": runs, **runs[-1]}
   summary.update(steps=config.train.steps, wall_s=time.time() - t_start, config=flatten(config))
   mlog.log_progress(_row_text(summary))
   mlog.write_json(os.path.join(workdir, "summary.json"), summary)

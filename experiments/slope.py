@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
 from jaxtricks.checkpoint import load_tree, save_tree
 from jaxtricks.config import Config, flatten, to_dict
@@ -119,6 +120,72 @@ def _save_compressed(tree, path: str) -> dict:
   return {"path": os.path.basename(path), "bytes_on_disk": on_disk, "round_trip_exact": same}
 
 
+def _train_variant(config: SlopeConfig, name: str, directory: str, workdir: str) -> dict:
+  """Trains variant `name`; its row, with the memory figures and checks the summary needs."""
+  model_cfg = variant_config(config.model, name)
+  result = train(dataclasses.replace(config, model=model_cfg), directory, exp=f"slope/{name}")
+  leaves = sparse.nm_leaves(result.model)
+  state = jax.device_get(result.state)
+  params, kernel_paths = state.params, set(leaves)
+  as_trained = sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state)
+  # SLoPe's static-mask kernels can be held compressed; SR-STE's pruned weights can come back,
+  # so its training state stays dense.
+  packed = sparse.compress_params(params, leaves) if model_cfg.sparsity == "slope" else params
+  compressed = sparse.tree_bytes(packed) + sparse.tree_bytes(state.opt_state)
+  row = {
+      "name": name,
+      "val_loss": result.summary["val_loss"],
+      "val_bits_per_byte": result.summary["val_bits_per_byte"],
+      "params": result.summary["params"],
+      "nonzero_params": sparse.nonzero_params(params, leaves),
+      "train_state_bytes": as_trained,
+      "train_state_bytes_compressed": compressed,
+      "tokens_per_s": result.summary["tokens_per_s"],
+  }
+  if name == "dense":
+    # the dense run's weights and optimizer state at the kernels the SLoPe model prunes
+    pruned = set(sparse.nm_leaves(Transformer(variant_config(config.model, "slope"))))
+    row["memory"] = {
+        "dense_train_state_bytes": as_trained,
+        "pruned_layers_dense_state_bytes": (sparse.bytes_at(params, pruned)
+                                            + sparse.bytes_at(state.opt_state, pruned))}
+  if name == "slope":
+    row["memory"] = {
+        "dense_weight_bytes": sparse.bytes_at(params, kernel_paths),
+        "compressed_weight_bytes": sparse.bytes_at(packed, kernel_paths),
+        "model_dense_bytes": sparse.tree_bytes(params),
+        "model_compressed_bytes": sparse.tree_bytes(packed),
+        "sparse_train_state_bytes": compressed,
+        "sparse_train_state_bytes_as_trained": as_trained,
+        "pruned_layers_sparse_state_bytes": (sparse.bytes_at(packed, kernel_paths)
+                                             + sparse.bytes_at(state.opt_state, kernel_paths)),
+    }
+    row["checks"] = {
+        "extra_zero_fraction": sparse.extra_zero_fraction(params, leaves),
+        "static_masks_held": sparse.static_masks_held(
+            params, recorded_positions(state.opt_state), leaves),
+        "compressed_checkpoint": _save_compressed(
+            packed, os.path.join(workdir, "slope_compressed")),
+    }
+  mlog.log_progress(f"{name}: " + ", ".join(
+      f"{k} {v}" for k, v in row.items() if not isinstance(v, dict)))
+  return row
+
+
+def memory_summary(rows: dict[str, dict]) -> dict:
+  """The memory figures of the dense and SLoPe rows, and their ratios where both ran."""
+  memory = {**rows.get("dense", {}).get("memory", {}), **rows.get("slope", {}).get("memory", {})}
+  if "dense_weight_bytes" in memory:
+    memory["compressed_weight_ratio"] = (memory["compressed_weight_bytes"]
+                                         / memory["dense_weight_bytes"])
+  if "dense_train_state_bytes" in memory and "sparse_train_state_bytes" in memory:
+    memory["train_state_ratio"] = (memory["sparse_train_state_bytes"]
+                                   / memory["dense_train_state_bytes"])
+    memory["pruned_layers_state_ratio"] = (memory["pruned_layers_sparse_state_bytes"]
+                                           / memory["pruned_layers_dense_state_bytes"])
+  return memory
+
+
 def run(config: SlopeConfig, workdir: str) -> dict:
   names = config.variants or VARIANTS
   unknown = [n for n in names if n not in VARIANTS + ABLATIONS]
@@ -129,71 +196,26 @@ def run(config: SlopeConfig, workdir: str) -> dict:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="slope"))
-  rows, memory, extra = [], {}, {}
-  for name in names:
-    model_cfg = variant_config(config.model, name)
-    cfg = dataclasses.replace(config, model=model_cfg)
-    result = train(cfg, os.path.join(workdir, "variants", name), exp=f"slope/{name}")
-    leaves = sparse.nm_leaves(result.model)
-    state = jax.device_get(result.state)
-    params, kernel_paths = state.params, set(leaves)
-    as_trained = sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state)
-    # SLoPe's static-mask kernels can be held compressed; SR-STE's pruned weights can come back,
-    # so its training state stays dense.
-    packed = sparse.compress_params(params, leaves) if model_cfg.sparsity == "slope" else params
-    compressed = sparse.tree_bytes(packed) + sparse.tree_bytes(state.opt_state)
-    rows.append({
-        "name": name,
-        "val_loss": result.summary["val_loss"],
-        "val_bits_per_byte": result.summary["val_bits_per_byte"],
-        "params": result.summary["params"],
-        "nonzero_params": sparse.nonzero_params(params, leaves),
-        "train_state_bytes": as_trained,
-        "train_state_bytes_compressed": compressed,
-        "tokens_per_s": result.summary["tokens_per_s"],
-    })
-    if name == "dense":
-      memory["dense_train_state_bytes"] = as_trained
-      dense_state = state
-    if name == "slope":
-      memory["dense_weight_bytes"] = sparse.bytes_at(params, kernel_paths)
-      memory["compressed_weight_bytes"] = sparse.bytes_at(packed, kernel_paths)
-      memory["model_dense_bytes"] = sparse.tree_bytes(params)
-      memory["model_compressed_bytes"] = sparse.tree_bytes(packed)
-      memory["sparse_train_state_bytes"] = compressed
-      memory["sparse_train_state_bytes_as_trained"] = as_trained
-      memory["pruned_layers_sparse_state_bytes"] = (
-          memory["compressed_weight_bytes"] + sparse.bytes_at(state.opt_state, kernel_paths))
-      extra["extra_zero_fraction"] = sparse.extra_zero_fraction(params, leaves)
-      extra["static_masks_held"] = sparse.static_masks_held(
-          params, recorded_positions(state.opt_state), leaves)
-      extra["compressed_checkpoint"] = _save_compressed(
-          packed, os.path.join(workdir, "slope_compressed"))
-    mlog.log_progress(f"{name}: {rows[-1]}")
-  if "dense_weight_bytes" in memory:
-    memory["compressed_weight_ratio"] = (memory["compressed_weight_bytes"]
-                                         / memory["dense_weight_bytes"])
-  if "dense_train_state_bytes" in memory and "sparse_train_state_bytes" in memory:
-    memory["train_state_ratio"] = (memory["sparse_train_state_bytes"]
-                                   / memory["dense_train_state_bytes"])
-    # the same kernels' weights and optimizer state in the dense run
-    memory["pruned_layers_dense_state_bytes"] = (
-        sparse.bytes_at(dense_state.params, kernel_paths)
-        + sparse.bytes_at(dense_state.opt_state, kernel_paths))
-    memory["pruned_layers_state_ratio"] = (memory["pruned_layers_sparse_state_bytes"]
-                                           / memory["pruned_layers_dense_state_bytes"])
+  rows = run_variants(
+      workdir, names,
+      lambda name: variant_key(dataclasses.replace(config, model=variant_config(config.model,
+                                                                                name)),
+                               ignore=("variants",)),
+      lambda name, directory: _train_variant(config, name, directory, workdir))
+  by_name = {r["name"]: r for r in rows}
   at_init = _random_extra_zeros(config.model, config.train.seed)
+  table = [{k: v for k, v in r.items() if k not in ("memory", "checks")} for r in rows]
   summary = {
-      "exp": "slope", "steps": config.train.steps, "variants": rows,
-      **extra,
+      "exp": "slope", "steps": config.train.steps, "variants": table,
+      **by_name.get("slope", {}).get("checks", {}),
       "extra_zero_fraction_at_init": at_init,
       "extra_zero_fraction_expected": {k: expected_extra_zeros(*map(int, k.split(":")))
                                        for k in at_init},
-      "memory": memory,
+      "memory": memory_summary(by_name),
       "ordering": [r["name"] for r in sorted(rows, key=lambda r: r["val_loss"])],
       "wall_s": time.time() - t_start, "config": flatten(config),
   }
-  mlog.log_progress(format_table(rows))
+  mlog.log_progress(format_table(table))
   mlog.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -185,3 +186,45 @@ def launch_limited(*flags: str, file_size_limit: int, devices: int = 1
           "sys.argv = ['launch.py', *sys.argv[1:]]; "
           "runpy.run_path('launch.py', run_name='__main__')")
   return run_python(["-c", code, *flags], devices=devices)
+
+
+def readme_summary_keys(exp: str) -> list[str]:
+  """The backticked names in the summary column of README's experiments table, row `exp`."""
+  for line in (REPO / "README.md").read_text().splitlines():
+    if line.startswith(f"| `{exp}` |"):
+      return re.findall(r"`([^`]+)`", line.strip("|").split("|")[2])
+  raise AssertionError(f"README's experiments table has no row for {exp!r}")
+
+
+def _has_path(tree, path: list[str]) -> bool:
+  """Whether the dotted `path` starts at any depth of `tree` (dicts, and lists of dicts)."""
+  if isinstance(tree, list):
+    return any(_has_path(x, path) for x in tree)
+  if not isinstance(tree, dict):
+    return False
+  if path[0] in tree:
+    rest, node = path[1:], tree[path[0]]
+    if not rest or (isinstance(node, dict) and _has_path_here(node, rest)):
+      return True
+  return any(_has_path(v, path) for v in tree.values())
+
+
+def _has_path_here(tree: dict, path: list[str]) -> bool:
+  node = tree
+  for key in path:
+    if not isinstance(node, dict) or key not in node:
+      return False
+    node = node[key]
+  return True
+
+
+def assert_readme_summary_keys(summary: dict, exp: str, absent_ok: tuple[str, ...] = ()) -> None:
+  """Every summary key README lists for `exp` is in `summary` (nested keys at any depth, dotted
+  names as paths); preset names and `absent_ok` (keys of other presets) are skipped."""
+  from experiments import load  # noqa: PLC0415
+
+  skip = set(load(exp).PRESETS) | set(absent_ok)
+  keys = readme_summary_keys(exp)
+  assert keys, f"README lists no summary keys for {exp!r}"
+  missing = [k for k in keys if k not in skip and not _has_path(summary, k.split("."))]
+  assert not missing, f"{exp}: README lists {missing}, not in the summary"

@@ -16,6 +16,7 @@ def test_kan_smoke_grid_extension(tmp_path):
                         f"--workdir={workdir}")
   assert proc.returncode == 0, support.describe(proc)
   summary = json.loads((workdir / "summary.json").read_text())
+  support.assert_readme_summary_keys(summary, "kan")
   rmse = {int(g): r for g, r in summary["rmse_by_grid"].items()}
   assert sorted(rmse) == [3, 5]
   assert all(0 < r < 0.5 for r in rmse.values())
@@ -51,3 +52,11 @@ def test_special_function_presets(preset):
   }[preset]
   for x, y, expected in closed_forms:
     np.testing.assert_allclose(target.fn(x, y), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_smoke_preset_runs_the_default_stages_smaller():
+  """The same function, network, optimizer and hellokan pipeline; a shorter grid ladder."""
+  smoke, default = kan.get_config("smoke"), kan.get_config("default")
+  same = ("function", "widths", "optimizer", "hellokan", "hello_widths", "grid_spans_range")
+  assert [getattr(smoke, k) for k in same] == [getattr(default, k) for k in same]
+  assert smoke.grids == default.grids[:len(smoke.grids)]

@@ -37,6 +37,7 @@ def test_smoke_summary(smoke_run):
   summary = smoke_run.summary
   for key in SUMMARY_KEYS:
     assert key in summary, key
+  support.assert_readme_summary_keys(summary, "lm")
   assert summary["exp"] == "lm" and summary["steps"] == 6
   assert summary["params"] == smoke_param_count() == 139_584
   train, val = support.train_records(smoke_run.metrics), support.val_records(smoke_run.metrics)

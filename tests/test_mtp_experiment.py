@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from experiments import mtp
 from tests import support
 
 
@@ -15,6 +16,7 @@ def mtp_smoke(mtp_smoke_run):
 
 def test_summary_holds_the_documented_keys(mtp_smoke):
   workdir, summary = mtp_smoke
+  support.assert_readme_summary_keys(summary, "mtp", absent_ok=("runs",))  # runs: compare
   n = summary["heads"]
   assert n == 4 and summary["exp"] == "mtp"
   assert len(summary["val_loss_per_head"]) == len(summary["val_acc_per_head"]) == n
@@ -48,12 +50,13 @@ def test_metrics_log_every_head(mtp_smoke):
 def test_polynomial_task_run_reports_exact_match(tmp_path):
   """The synthetic-task path: n=1 against n=2 on F7[X]/(X^5) arithmetic, answers decoded."""
   workdir = tmp_path / "poly"
-  proc = support.launch("--exp=mtp", "--preset=smoke", f"--workdir={workdir}",
-                        "--data.task=polynomial", "--train.seq_len=96", "--steps=4",
-                        "--compare_heads=1,2", "--spec_prompt_len=96", "--task_examples=4",
-                        "--task_ood_ops=6", "--model.mtp_heads=2")
+  flags = ("--exp=mtp", "--preset=smoke", f"--workdir={workdir}", "--data.task=polynomial",
+           "--train.seq_len=96", "--steps=4", "--compare_heads=1,2", "--spec_prompt_len=96",
+           "--task_examples=4", "--task_ood_ops=6", "--model.mtp_heads=2")
+  proc = support.launch(*flags)
   assert proc.returncode == 0, support.describe(proc)
   summary = json.loads((workdir / "summary.json").read_text())
+  support.assert_readme_summary_keys(summary, "mtp", absent_ok=("sample",))  # sample: corpus
   assert [r["heads"] for r in summary["runs"]] == [1, 2]
   for row in summary["runs"]:
     task = row["task"]
@@ -61,3 +64,16 @@ def test_polynomial_task_run_reports_exact_match(tmp_path):
     for key in ("scored_token_accuracy", "exact_match_in_distribution", "exact_match_ood_6_ops"):
       assert 0.0 <= task[key] <= 1.0
     assert row["spec"]["identical_to_greedy"] is True
+  # a rerun reads both finished runs from their rows and trains nothing
+  again = support.launch(*flags)
+  assert again.returncode == 0, support.describe(again)
+  assert "variant n1: finished earlier" in again.stderr
+  assert "variant n2: finished earlier" in again.stderr
+  assert json.loads((workdir / "summary.json").read_text())["runs"] == summary["runs"]
+
+
+def test_smoke_preset_runs_what_the_default_runs():
+  smoke, default = mtp.get_config("smoke"), mtp.get_config("default")
+  assert smoke.compare_heads == default.compare_heads == ()
+  assert (smoke.model.mtp_heads, smoke.model.mtp_head) == (default.model.mtp_heads,
+                                                           default.model.mtp_head)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import cla
 from jaxtricks.layers.embed import Embed
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops.attention import kv_sources
@@ -197,8 +198,12 @@ def test_cla_experiment_smoke_end_to_end(tmp_path):
   png = workdir / "cla.png"
   assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert summary["figures"] == ["cla.png"]
+  support.assert_readme_summary_keys(summary, "cla")
   rows = {r["name"]: r for r in summary["variants"]}
-  assert list(rows) == ["MHA", "MQA", "MQA-CLA2"]
+  smoke, default = cla.get_config("smoke"), cla.get_config("default")
+  assert smoke.variants == default.variants == ()  # the same six, in the same order
+  assert list(rows) == list(cla.variant_overrides(smoke.model))
+  assert list(rows) == ["MHA", "GQA2", "MQA", "H4-MQA", "MQA-CLA2", "MQA-CLA3"]
   keys = {"name", "params", "kv_bytes_per_token", "val_loss", "decode_tokens_per_s",
           "max_batch_at_context"}
   models = {}
