@@ -1,0 +1,64 @@
+"""Each model component gives what the code before the components refactor gave, on the same
+parameters: logits, loss, gradients, one optimizer update, decode-cache shapes
+(tests/fixtures/components.npz, written by tests/fixtures/make_components_fixture.py)."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxtricks.decode import init_cache
+from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.train.config import TrainConfig
+from jaxtricks.train.optimizer import make_optimizer
+from tests import support
+from tests.fixtures import make_components_fixture as fixture
+
+CASES = json.loads((support.REPO / "tests" / "fixtures" / "cases.json").read_text())
+ARRAYS = np.load(support.REPO / "tests" / "fixtures" / "components.npz")
+
+
+def model_config(fields: dict) -> ModelConfig:
+  """The case's config (written in the flat format of the fixture's time) in today's format."""
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  return ModelConfig(**{**CASES["base"], **fields})
+
+
+def stored(prefix: str) -> dict:
+  return {tuple(k[len(prefix) + 1:].split("/")): ARRAYS[k] for k in ARRAYS.files
+          if k.startswith(prefix + "/")}
+
+
+@pytest.mark.parametrize("name", sorted(CASES["cases"]))
+def test_component_matches_the_stored_reference(name):
+  case = CASES["cases"][name]
+  cfg = model_config(case["fields"])
+  cfg.validate()
+  model = Transformer(cfg)
+  b, t = CASES["batch"]
+  shapes = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, t), jnp.int32))["params"]))
+  params_flat = stored(f"{name}/params")
+  assert {p: v.shape for p, v in params_flat.items()} == {p: v.shape for p, v in shapes.items()}
+  params = traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in params_flat.items()})
+  batch = fixture.case_inputs(cfg.vocab_size)
+  train = TrainConfig(**CASES["train"])
+  out = fixture.compute(model, params, batch, case["loss"], make_optimizer(train, model))
+  np.testing.assert_allclose(out["logits"], ARRAYS[f"{name}/logits"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["loss"], ARRAYS[f"{name}/loss"], rtol=1e-6)
+  for what in ("grads", "updates"):
+    expected = stored(f"{name}/{what}")
+    got = {p: fixture.sketch(v) for p, v in traverse_util.flatten_dict(out[what]).items()}
+    assert set(got) == set(expected), what
+    for path, sk in got.items():
+      np.testing.assert_allclose(sk, expected[path], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{what} {'/'.join(path)}")
+  cache = init_cache(cfg, b, 16, cfg.mtp_heads)
+  assert {k: list(np.shape(v)) for k, v in traverse_util.flatten_dict(cache, sep="/").items()
+          } == case["cache"]
