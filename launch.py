@@ -52,11 +52,11 @@ def _prescan(argv: list[str], name: str, default: str) -> str:
 
 
 def _define_config_flags(config) -> list[str]:
-  from jaxtricks.config import flatten  # noqa: PLC0415
+  from jaxtricks.config import flag_defaults  # noqa: PLC0415
 
   keys = []
-  for key, value in flatten(config).items():
-    flags.DEFINE_string(key, None, f"default: {value!r}")
+  for key, (value, note) in flag_defaults(config).items():
+    flags.DEFINE_string(key, None, f"default: {value!r}{note}")
     keys.append(key)
   return keys
 
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
     _fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
   from experiments import get_config, load  # noqa: PLC0415
   from jaxtricks import sharding  # noqa: PLC0415
-  from jaxtricks.config import flatten, override  # noqa: PLC0415
+  from jaxtricks.config import flag_defaults, override  # noqa: PLC0415
   from jaxtricks.errors import UserError  # noqa: PLC0415
   from jaxtricks.train.loop import Preempted  # noqa: PLC0415
 
@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
     sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                           FLAGS.process_id)
     config = get_config(FLAGS.exp, FLAGS.preset)
-    updates = {key: FLAGS[key].value for key in flatten(config) if FLAGS[key].value is not None}
+    updates = {key: FLAGS[key].value for key in flag_defaults(config)
+               if FLAGS[key].value is not None}
     updates.update({key: FLAGS[name].value for name, key in SHORTCUTS.items()
                     if FLAGS[name].value is not None})
     config = override(config, updates).validate()

@@ -1,1 +1,1 @@
-"""Benchmark scripts: `python benchmarks/NAME.py`; each prints a table and writes JSON."""
+"""Benchmark scripts: `python -m benchmarks.NAME`; each prints a table and writes JSON."""

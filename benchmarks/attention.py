@@ -1,6 +1,6 @@
 """Decode speed and KV-cache memory of MHA, MQA and MQA-CLA2 at several context lengths.
 
-    python benchmarks/attention.py [--contexts=256,1024,4096] [--batch=8] [--new_tokens=32]
+    python -m benchmarks.attention [--contexts=256,1024,4096] [--batch=8] [--new_tokens=32]
                                    [--out=benchmarks/results/attention.json]
 
 Multi-query attention (Shazeer 2019, arXiv 1911.02150) keeps one K/V head instead of N; Cross-Layer
@@ -23,24 +23,21 @@ contexts, larger batches).
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from jaxtricks.decode import cache_bytes, init_cache  # noqa: E402
-from jaxtricks.models.transformer import ModelConfig, Transformer  # noqa: E402
-from jaxtricks.ops.attention import kv_bytes_per_token  # noqa: E402
+from benchmarks import common
+from jaxtricks.decode import cache_bytes, init_cache
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.ops.attention import kv_bytes_per_token
 
 flags.DEFINE_list("contexts", ["256", "1024", "4096"], "cached tokens before decoding")
 flags.DEFINE_integer("batch", 8, "sequences decoded together")
@@ -58,13 +55,14 @@ FLAGS = flags.FLAGS
 def variant_configs(base: ModelConfig) -> dict[str, ModelConfig]:
   """K/V heads and cross-layer sharing of each variant, on the same trunk."""
   table = {
-      "MHA": dict(n_kv_heads=base.n_heads),
-      "GQA": dict(n_kv_heads=max(base.n_heads // 2, 1)),
+      "MHA": dict(n_kv_heads=base.attention.n_heads),
+      "GQA": dict(n_kv_heads=max(base.attention.n_heads // 2, 1)),
       "MQA": dict(n_kv_heads=1),
       "MQA-CLA2": dict(n_kv_heads=1, kv_sharing=2),
       "MQA-CLA3": dict(n_kv_heads=1, kv_sharing=3),
   }
-  return {name: dataclasses.replace(base, **kw) for name, kw in table.items()}
+  return {name: dataclasses.replace(base, attention=dataclasses.replace(base.attention, **kw))
+          for name, kw in table.items()}
 
 
 def random_params(model: Transformer, seed: int = 0) -> dict:
@@ -163,7 +161,7 @@ def main(argv: list[str]) -> None:
   machine = common.machine_info()
   contexts = [int(c) for c in FLAGS.contexts]
   base = ModelConfig(vocab_size=256, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                     n_heads=FLAGS.n_heads)
+                     attention=AttentionConfig(n_heads=FLAGS.n_heads))
   table = variant_configs(base)
   unknown = [v for v in FLAGS.variants if v not in table]
   if unknown or min(contexts) < 1 or FLAGS.batch < 1 or FLAGS.new_tokens < 1:
@@ -182,7 +180,7 @@ def main(argv: list[str]) -> None:
       print(f"{name} context {context}: {r['decode_tokens_per_s']:.1f} tok/s, "
             f"{r['cache_bytes'] / 2**20:.2f} MiB", flush=True)
 
-  print(f"\nd_model {base.d_model}, {base.n_layers} layers, {base.n_heads} heads of "
+  print(f"\nd_model {base.d_model}, {base.n_layers} layers, {base.attention.n_heads} heads of "
         f"{base.dim_per_head}, float32, batch {FLAGS.batch}, {FLAGS.new_tokens} new tokens; "
         f"{machine['cpu_count']} CPUs, load average at start "
         f"{machine['load_average_at_start'][0]:.1f}")
@@ -191,9 +189,10 @@ def main(argv: list[str]) -> None:
       "machine": machine,
       "settings": {"contexts": contexts, "batch": FLAGS.batch, "new_tokens": FLAGS.new_tokens,
                    "repeats": FLAGS.repeats, "prefill_chunk": FLAGS.prefill_chunk},
-      "model": {"d_model": base.d_model, "n_layers": base.n_layers, "n_heads": base.n_heads,
-                "head_dim": base.dim_per_head, "d_ff": base.ff_dim,
-                "vocab_size": base.vocab_size, "dtype": base.dtype, "attn_impl": base.attn_impl},
+      "model": {"d_model": base.d_model, "n_layers": base.n_layers,
+                "n_heads": base.attention.n_heads, "head_dim": base.dim_per_head,
+                "d_ff": base.mlp.width(base), "vocab_size": base.vocab_size, "dtype": base.dtype,
+                "attn_impl": base.attention.impl},
       "cache_bytes": "cache_bytes(init_cache(config, batch, context)): allocated K/V arrays",
       "results": rows,
   }

@@ -11,12 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxtricks import sharding
-from jaxtricks.models.transformer import Transformer
-from jaxtricks.train import step as step_lib
-from jaxtricks.train.losses import LOSSES
-from jaxtricks.train.optimizer import lr_schedule, make_optimizer
-from jaxtricks.train.state import init_state, state_shardings
+from jaxtricks.train.build import build
 
 
 def machine_info() -> dict:
@@ -35,20 +30,17 @@ def write_results(out: dict, path: str) -> None:
 
 
 def train_step_runner(config) -> tuple[Callable[[], dict], Any]:
-  """The jitted, sharded train step exactly as jaxtricks.train.loop builds it, on one fixed
-  random batch: (one() -> that step's metrics, advancing the state; the initial parameters)."""
+  """The jitted, sharded train step of `jaxtricks.train.build` (what the loop runs), on one
+  fixed random batch: (one() -> that step's metrics, advancing the state; the initial
+  parameters)."""
   tc = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  model = Transformer(config.model)
-  tx = make_optimizer(tc, model)
-  _, shardings = state_shardings(model, tx, tc.seq_len, mesh)
-  state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
-  step = step_lib.jit_train_step(
-      step_lib.make_train_step(model, tx, LOSSES[tc.loss], lr_schedule(tc)), shardings, mesh)
+  built = build(config)
+  state = built.init_state()
+  step = built.train_step
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, config.model.vocab_size, (tc.batch_size, tc.seq_len + 1), np.int32)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                         sharding.batch_sharding(mesh))
+                         built.batch_sharding)
   box = {"state": state}
 
   def one() -> dict:

@@ -1,7 +1,7 @@
 """KAN layer and network forward+backward against peers and the FLOP floor (Liu et al. 2024,
 arXiv 2404.19756; issue 5 of this project).
 
-    python benchmarks/kan.py [--out=benchmarks/results/kan.json] [--reps=10]
+    python -m benchmarks.kan [--out=benchmarks/results/kan.json] [--reps=10]
 
 Times one training-style step, forward and backward with gradients of the parameters and of the
 input, for
@@ -40,19 +40,15 @@ import time
 import traceback
 from collections.abc import Callable
 
-# The repository root instead of this script's folder, where this file would shadow pykan's `kan`.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from jaxtricks.layers.kan import KANLayer  # noqa: E402
-from jaxtricks.models.kan import KAN  # noqa: E402
+from benchmarks import common
+from jaxtricks.layers.kan import KANLayer
+from jaxtricks.models.kan import KAN
 
 flags.DEFINE_string("out", "benchmarks/results/kan.json", "JSON output path")
 flags.DEFINE_integer("reps", 10, "timed repetitions per implementation (3 for any over 1 s)")
@@ -276,9 +272,10 @@ def torch_in_subprocess(case: str, impl: str) -> dict:
   threads wait passively (OMP_WAIT_POLICY): on a shared 2-core machine spinning ones made the
   efficient-kan step about 3x slower and a [2, 5, 1] step 200x slower in our runs."""
   env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f"--worker={case}/{impl}",
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.kan", f"--worker={case}/{impl}",
                          f"--reps={FLAGS.reps}"], capture_output=True, text=True, check=False,
-                        env=env)
+                        env=env, cwd=root)
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])

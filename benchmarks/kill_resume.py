@@ -1,6 +1,6 @@
 """Crash safety: SIGKILL a training run at random moments, rerun it each time, compare the end.
 
-    python benchmarks/kill_resume.py [--kills=20] [--steps=120] [--ckpt_every=4] [--seed=0]
+    python -m benchmarks.kill_resume [--kills=20] [--steps=120] [--ckpt_every=4] [--seed=0]
                                      [--out=benchmarks/results/kill_resume.json]
 
 One uninterrupted `launch.py --exp=lm --preset=smoke` run gives the reference. Then the same
@@ -27,14 +27,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from absl import app, flags, logging
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from benchmarks.common import machine_info, write_results  # noqa: E402
-from jaxtricks.checkpoint import TMP_MARKER, read_numpy  # noqa: E402
+from benchmarks.common import machine_info, write_results
+from jaxtricks.checkpoint import TMP_MARKER, read_numpy
 
 flags.DEFINE_integer("kills", 20, "SIGKILLs across the run")
 flags.DEFINE_integer("steps", 120, "training steps of the run")

@@ -1,6 +1,6 @@
 """Multi-token prediction costs and gains, measured in one run (arXiv 2404.19737).
 
-    python benchmarks/mtp.py [--out=benchmarks/results/mtp.json] [--workdir=runs/mtp]
+    python -m benchmarks.mtp [--out=benchmarks/results/mtp.json] [--workdir=runs/mtp]
 
 1. Train-step time with n=4 transformer heads against n=1 on the same trunk (the jitted step the
    loop runs, memory-efficient loss), for the `--exp=mtp` default model (4 layers) and a deeper
@@ -25,24 +25,24 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from experiments import mtp  # noqa: E402
-from experiments.mtp import timed  # noqa: E402
-from jaxtricks.data.sources import held_out_prompts  # noqa: E402
-from jaxtricks.decode import generate, speculative_generate  # noqa: E402
-from jaxtricks.models.transformer import Transformer  # noqa: E402
-from jaxtricks.ops.mtp import loss_temp_bytes  # noqa: E402
-from jaxtricks.train.loop import train  # noqa: E402
+from benchmarks import common
+from experiments import mtp
+from experiments.mtp import timed
+from jaxtricks.data.sources import held_out_prompts
+from jaxtricks.decode import generate, speculative_generate
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.mlp import SwiGLUConfig
+from jaxtricks.layers.mtp import TransformerHeads
+from jaxtricks.models.transformer import Transformer
+from jaxtricks.ops.mtp import loss_temp_bytes
+from jaxtricks.train.loop import train
 
 flags.DEFINE_string("out", "benchmarks/results/mtp.json", "JSON output path")
 flags.DEFINE_string("workdir", "runs/mtp", "workdir of the --exp=mtp default run to decode with")
@@ -69,8 +69,8 @@ def step_overhead(steps: int) -> list[dict]:
   rows = []
   for name, model in (("default d128 L4", base.model),
                       ("deep d128 L12", dataclasses.replace(base.model, n_layers=12))):
-    run = {n: make_step(dataclasses.replace(base, model=dataclasses.replace(model, mtp_heads=n)))
-           for n in (1, 4)}
+    run = {n: make_step(dataclasses.replace(base, model=dataclasses.replace(
+        model, mtp=dataclasses.replace(model.mtp, heads=n)))) for n in (1, 4)}
     for n in (1, 4):  # compilation and one warm-up step
       run[n](), run[n]()
     times = {1: [], 4: []}
@@ -108,7 +108,7 @@ def decoding(workdir: str, repeats: int) -> tuple[list[dict], dict]:
     plain, t_plain = timed(lambda batch=batch: generate(result.model, params, batch, n_new),
                                repeats)
     greedy_s[b] = t_plain
-    for k in range(1, config.model.mtp_heads + 1):
+    for k in range(1, config.model.mtp.heads + 1):
       spec, t = timed(lambda k=k, batch=batch: speculative_generate(
           result.model, params, batch, n_new, n_heads=k), repeats)
       rows.append({"batch": b, "heads": k, "tokens_per_forward": spec.tokens_per_forward,
@@ -132,8 +132,9 @@ def pass_cost(repeats: int, new_tokens: int = 64) -> list[dict]:
   prompt = [list(np.random.default_rng(0).integers(0, 256, 64))]
   for d, layers in PASS_COST_MODELS:
     cfg = mtp.get_config("default").model
-    cfg = dataclasses.replace(cfg, d_model=d, n_layers=layers, n_heads=d // 64, n_kv_heads=0,
-                              d_ff=0, mtp_heads=4, mtp_head="transformer")
+    cfg = dataclasses.replace(cfg, d_model=d, n_layers=layers,
+                              attention=AttentionConfig(n_heads=d // 64), mlp=SwiGLUConfig(),
+                              mtp=TransformerHeads(heads=4))
     model = Transformer(cfg)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     plain, t_plain = timed(lambda m=model, p=params: generate(m, p, prompt, new_tokens),

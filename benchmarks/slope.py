@@ -1,6 +1,6 @@
 """Train-step time and memory of SLoPe's variants (Mozaffari et al. 2024, arXiv 2405.16325).
 
-    python benchmarks/slope.py [--d_model=256] [--n_layers=4] [--batch=8] [--seq_len=256]
+    python -m benchmarks.slope [--d_model=256] [--n_layers=4] [--batch=8] [--seq_len=256]
                                [--steps=10] [--out=benchmarks/results/slope.json]
 
 For dense, SLoPe 2:4, SLoPe 2:4 with rank-r adapters, SR-STE 2:4 and the half-width dense model
@@ -15,23 +15,21 @@ sparse matmul, so the sparse variants run masked dense matmuls and are expected 
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import app, flags
+from flax import traverse_util
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import traverse_util  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from experiments.slope import VARIANTS, variant_config  # noqa: E402
-from jaxtricks.config import Config  # noqa: E402
-from jaxtricks.models import sparse  # noqa: E402
-from jaxtricks.models.transformer import ModelConfig, Transformer  # noqa: E402
-from jaxtricks.train.config import TrainConfig  # noqa: E402
+from benchmarks import common
+from experiments.slope import VARIANTS, variant_config
+from jaxtricks.config import Config
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.nm_projection import SlopeProjection
+from jaxtricks.models import sparse
+from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.train.config import TrainConfig
 
 flags.DEFINE_integer("d_model", 256, "model width")
 flags.DEFINE_integer("n_layers", 4, "blocks")
@@ -80,7 +78,7 @@ def measure(name: str, base: ModelConfig, tc: TrainConfig) -> dict:
       "train_state_bytes": sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state),
       # SR-STE's pruned weights can come back, so only SLoPe can train on compressed kernels
       "train_state_bytes_compressed": sparse.tree_bytes(
-          packed if mc.sparsity == "slope" else params) + sparse.tree_bytes(state.opt_state),
+          packed if mc.projection.kind == "slope" else params) + sparse.tree_bytes(state.opt_state),
       "weight_bytes_compressed": sparse.tree_bytes(packed),
       "weight_bytes": sparse.tree_bytes(params),
       "linear_flops_per_token": linear_flops_per_token(params, leaves, mc),
@@ -90,7 +88,8 @@ def measure(name: str, base: ModelConfig, tc: TrainConfig) -> dict:
 def main(argv) -> None:
   del argv
   base = ModelConfig(d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                     n_heads=max(FLAGS.d_model // 64, 1), adapter_rank=FLAGS.adapter_rank)
+                     attention=AttentionConfig(n_heads=max(FLAGS.d_model // 64, 1)),
+                     projection=SlopeProjection(adapter_rank=FLAGS.adapter_rank))
   tc = TrainConfig(steps=1000, batch_size=FLAGS.batch, seq_len=FLAGS.seq_len, warmup_steps=1)
   rows = [measure(name, base, tc) for name in FLAGS.variants]
   dense = next((r for r in rows if r["name"] == "dense"), rows[0])

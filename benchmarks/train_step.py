@@ -1,6 +1,6 @@
 """Train-step throughput against this machine's dense matmul peak (model FLOP utilisation).
 
-    python benchmarks/train_step.py [--out=benchmarks/results/train_step.json] [--steps=N]
+    python -m benchmarks.train_step [--out=benchmarks/results/train_step.json] [--steps=N]
 
 Measures (1) the FLOP/s of a jitted float32 square matmul and (2) for the `--exp=lm` default
 preset and a d_model=512 small LM, the real train step (state_shardings, init_state,
@@ -21,24 +21,21 @@ halving for the causal mask.
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from experiments import lm  # noqa: E402
-from jaxtricks.config import Config  # noqa: E402
-from jaxtricks.models.transformer import ModelConfig  # noqa: E402
-from jaxtricks.train.config import TrainConfig  # noqa: E402
+from benchmarks import common
+from experiments import lm
+from jaxtricks.config import Config
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.models.transformer import ModelConfig
+from jaxtricks.train.config import TrainConfig
 
 flags.DEFINE_string("out", "benchmarks/results/train_step.json", "JSON output path")
 flags.DEFINE_integer("steps", 10, "timed train steps per config (after 2 warm-up steps)")
@@ -51,7 +48,7 @@ MATMULS_PER_STEP = 3
 
 def configs() -> dict[str, Config]:
   """The `--exp=lm` default preset and a d_model=512 small LM (byte vocabulary)."""
-  d512 = Config(model=ModelConfig(d_model=512, n_layers=6, n_heads=8),
+  d512 = Config(model=ModelConfig(d_model=512, n_layers=6, attention=AttentionConfig(n_heads=8)),
                 train=TrainConfig(batch_size=4, seq_len=256))
   return {"lm_default": lm.get_config("default"), "d512": d512}
 
@@ -74,7 +71,7 @@ def seconds(fn: Callable[[], object]) -> float:
 
 def model_flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int) -> tuple[int, int]:
   """(6 N, 12 L H Q T): the dense and attention terms of the PaLM formula."""
-  return 6 * n_matmul, 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
+  return 6 * n_matmul, 12 * cfg.n_layers * cfg.attention.n_heads * cfg.dim_per_head * seq_len
 
 
 def bench_config(config: Config, steps: int) -> dict:
@@ -95,14 +92,15 @@ def bench_config(config: Config, steps: int) -> dict:
     mm_times += [seconds(matmul) for _ in range(MATMULS_PER_STEP)]
   step_s = statistics.median(times)
   shaped, shaped_flops = matmul_fn(tc.batch_size * tc.seq_len, config.model.d_model,
-                                   config.model.ff_dim)
+                                   config.model.mlp.width(config.model))
   dense, attn = model_flops_per_token(config.model, n_matmul, tc.seq_len)
   tokens_per_step = tc.batch_size * tc.seq_len
   mc = config.model
   return {
-      "model": {"d_model": mc.d_model, "n_layers": mc.n_layers, "n_heads": mc.n_heads,
-                "head_dim": mc.dim_per_head, "d_ff": mc.ff_dim, "vocab_size": mc.vocab_size,
-                "dtype": mc.dtype, "attn_impl": mc.attn_impl},
+      "model": {"d_model": mc.d_model, "n_layers": mc.n_layers,
+                "n_heads": mc.attention.n_heads, "head_dim": mc.dim_per_head,
+                "d_ff": mc.mlp.width(mc), "vocab_size": mc.vocab_size, "dtype": mc.dtype,
+                "attn_impl": mc.attention.impl},
       "batch_size": tc.batch_size, "seq_len": tc.seq_len, "matmul_params": n_matmul,
       "flops_per_token": dense + attn, "flops_per_token_dense": dense,
       "flops_per_token_attention": attn, "first_step_s": first_s,

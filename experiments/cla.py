@@ -29,6 +29,7 @@ from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.data.sources import held_out_prompts
 from jaxtricks.decode import cache_bytes, generate, init_cache
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.ops.attention import kv_bytes_per_token
 from jaxtricks.train.config import TrainConfig
@@ -38,16 +39,20 @@ PRESETS = ("smoke", "default", "full")
 
 
 def variant_overrides(base: ModelConfig) -> dict[str, dict]:
-  """Model-config changes of each variant relative to the MHA base."""
-  h = base.dim_per_head
+  """Attention-config changes of each variant relative to the MHA base."""
+  h, n = base.dim_per_head, base.attention.n_heads
   return {
-      "MHA": dict(n_kv_heads=base.n_heads),
-      f"GQA{max(base.n_heads // 2, 1)}": dict(n_kv_heads=max(base.n_heads // 2, 1)),
+      "MHA": dict(n_kv_heads=n),
+      f"GQA{max(n // 2, 1)}": dict(n_kv_heads=max(n // 2, 1)),
       "MQA": dict(n_kv_heads=1),
       f"H{h // 2}-MQA": dict(n_kv_heads=1, head_dim=h // 2),
       "MQA-CLA2": dict(n_kv_heads=1, kv_sharing=2),
       "MQA-CLA3": dict(n_kv_heads=1, kv_sharing=3),
   }
+
+
+def variant_model(base: ModelConfig, changes: dict) -> ModelConfig:
+  return dataclasses.replace(base, attention=dataclasses.replace(base.attention, **changes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,18 +68,19 @@ class ClaConfig(Config):
 def get_config(preset: str) -> ClaConfig:
   if preset == "smoke":
     return ClaConfig(
-        model=ModelConfig(d_model=32, n_layers=4, n_heads=4),
+        model=ModelConfig(d_model=32, n_layers=4, attention=AttentionConfig(n_heads=4)),
         train=TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, log_every=3,
                           ckpt_every=0, eval_batches=1),
         decode_batch=2, decode_prompt_len=8,
         decode_new_tokens=8, context_len=256)
   if preset == "default":
     return ClaConfig(
-        model=ModelConfig(d_model=128, n_layers=6, n_heads=4),
+        model=ModelConfig(d_model=128, n_layers=6, attention=AttentionConfig(n_heads=4)),
         train=TrainConfig(steps=150, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=15,
                           log_every=25, ckpt_every=0, eval_batches=8))
   return ClaConfig(
-      model=ModelConfig(d_model=1024, n_layers=20, n_heads=8, head_dim=128, dtype="bfloat16"),
+      model=ModelConfig(d_model=1024, n_layers=20, dtype="bfloat16",
+                        attention=AttentionConfig(n_heads=8, head_dim=128)),
       train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1.5e-3, warmup_steps=1000,
                         log_every=100, ckpt_every=2000, eval_batches=32))
 
@@ -113,8 +119,7 @@ def run(config: ClaConfig, workdir: str) -> dict:
   unknown = [n for n in names if n not in table]
   if unknown:
     raise ConfigError(f"unknown variants {unknown}; valid: {', '.join(table)}")
-  configs = {name: dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                         **table[name]))
+  configs = {name: dataclasses.replace(config, model=variant_model(config.model, table[name]))
              for name in names}
   for cfg in configs.values():  # refuse a bad config before any training
     cfg.validate()

@@ -16,13 +16,13 @@ G = 3, 10, 20, 50; README has what this gives.
 
 --optimizer=adam (with --train.lr) trains the ladder with Adam instead of L-BFGS, and
 --carry_opt_state=true maps the optimizer state across every refine instead of restarting it
-(jaxtricks/models/kan_state.py; README compares the two).
+(jaxtricks/train/kan_state.py; README compares the two).
 
 summary.json: rmse_by_grid {G: test RMSE}, train_rmse_by_grid, refine_rmse_change {G: RMSE
 between the outputs before and after extending to G}, scaling_slope (log-log slope of test RMSE
-over G = 5..50), best_test_rmse, paper_kan_rmse; kan_grid_extension.png. The model/data/mesh
-sections of the config are unused; train.steps and train.seed are the L-BFGS steps per grid and
-the seed.
+over G = 5..50), best_test_rmse, paper_kan_rmse; kan_grid_extension.png. The config holds only
+what the experiment uses: its own fields and a `train` section, whose steps and seed
+(--steps, --seed) are the L-BFGS steps per grid and the seed, and lr Adam's learning rate.
 Then pykan's (0.2) hellokan pipeline on the same data: a [2, 5, 1] KAN at G = 3 trained with the
 sparsity regulariser (pykan's edge scale std(phi) / (std(x) + 0.1) and row + column entropy,
 lamb 1e-3, lamb_entropy 2), pruned as pykan's prune() does (nodes with attribution score <= 1e-2,
@@ -53,12 +53,13 @@ import numpy as np
 from scipy import special
 
 from jaxtricks import metrics as mlog
-from jaxtricks.config import Config, flatten, to_dict
+from jaxtricks.config import flatten, to_dict
 from jaxtricks.errors import ConfigError
 from jaxtricks.models import kan_symbolic as sym
-from jaxtricks.models.kan import KAN, fit, forward, init_variables, mse, refine
+from jaxtricks.models.kan import KAN, forward, init_variables, mse, refine
 from jaxtricks.models.kan_prune import Regularizer, attribution, prune
-from jaxtricks.train.config import TrainConfig
+from jaxtricks.train.kan_fit import fit
+from jaxtricks.train.kan_state import refine_with_opt_state
 
 SPECIAL = {  # preset -> (function, widths): rows of the paper's Table 1
     "sph_harm": ("sph_harm_01", (2, 1, 1)),
@@ -87,7 +88,22 @@ FUNCTIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class KanConfig(Config):
+class KanTrainConfig:
+  """The training fields the experiment reads (defaults as `train.config.TrainConfig`'s)."""
+  steps: int = 1000                      # steps per grid (L-BFGS iterations, or Adam updates)
+  lr: float = 3e-3                       # Adam's learning rate (--optimizer=adam)
+  seed: int = 0                          # data and initial parameters
+
+  def validate(self) -> KanTrainConfig:
+    if self.steps < 1:
+      raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+    if self.lr <= 0:
+      raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class KanConfig:
   function: str = "exp_sin"
   widths: tuple[int, ...] = (2, 1, 1)
   grids: tuple[int, ...] = (3, 5, 10, 20, 50, 100)
@@ -113,6 +129,7 @@ class KanConfig(Config):
   hello_edge_threshold: float = 3e-2
   hello_library: tuple[str, ...] = ("x", "x^2", "x^3", "x^4", "exp", "log", "sqrt", "tanh",
                                     "sin", "abs")
+  train: KanTrainConfig = KanTrainConfig()
 
   def validate(self) -> KanConfig:
     if self.function not in FUNCTIONS:
@@ -133,23 +150,24 @@ class KanConfig(Config):
     if unknown := set(self.hello_library) - set(sym.LIBRARY):
       raise ConfigError(f"hello_library: unknown {sorted(unknown)}; valid: "
                         f"{', '.join(sym.LIBRARY)}")
-    if self.train.steps < 1 or self.n_train < 1 or self.n_test < 1:
-      raise ConfigError("train.steps, n_train and n_test must be >= 1")
+    if self.n_train < 1 or self.n_test < 1:
+      raise ConfigError("n_train and n_test must be >= 1")
+    self.train.validate()
     return self
 
 
 def get_config(preset: str) -> KanConfig:
   if preset == "smoke":
     # no grid updates inside fit (unit-tested): each one compiles a refit per model
-    return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=TrainConfig(steps=20),
+    return KanConfig(grids=(3, 5), n_train=200, n_test=200, train=KanTrainConfig(steps=20),
                      update_grid_every=0,
                      hello_steps=10, hello_reg_steps=20, hello_iters_per_step=1,
                      hello_library=("x", "x^2", "exp", "sin"))
   if preset in SPECIAL:
     function, widths = SPECIAL[preset]
     return KanConfig(function=function, widths=widths, grids=(3, 5, 10, 20, 50),
-                     hellokan=False, train=TrainConfig(steps=200))
-  return KanConfig(train=TrainConfig(steps=200))
+                     hellokan=False, train=KanTrainConfig(steps=200))
+  return KanConfig(train=KanTrainConfig(steps=200))
 
 
 def _slope(rmse_by_grid: dict[int, float], lo: int = 5, hi: int = 50) -> float | None:
@@ -188,7 +206,8 @@ def run(config: KanConfig, workdir: str) -> dict:
     if g != model.grid_size:
       before = forward(model, variables, x_train)
       if carry:
-        model, variables, state = refine(model, variables, x_train, grid_size=g, opt_state=state)
+        model, variables, state = refine_with_opt_state(model, variables, x_train, state,
+                                                        grid_size=g)
       else:
         model, variables = refine(model, variables, x_train, grid_size=g)
         state = None  # fit starts a fresh optimizer

@@ -24,6 +24,8 @@ import os
 
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.kan import KANMLPConfig
 from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.loop import train
@@ -34,17 +36,18 @@ PRESETS = ("smoke", "default", "full", "kan")
 def get_config(preset: str) -> Config:
   if preset == "smoke":
     return Config(
-        model=ModelConfig(d_model=64, n_layers=2, n_heads=2),
+        model=ModelConfig(d_model=64, n_layers=2, attention=AttentionConfig(n_heads=2)),
         train=TrainConfig(steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
                           log_every=10, ckpt_every=15, eval_batches=2))
   if preset in ("default", "kan"):
-    kan = dict(mlp="kan", d_ff=64, kan_grid=5, kan_order=3, kan_range=3.0)
+    kan = dict(mlp=KANMLPConfig(d_ff=64, grid=5, order=3, range=3.0))
     return Config(
-        model=ModelConfig(d_model=128, n_layers=4, n_heads=4, **(kan if preset == "kan" else {})),
+        model=ModelConfig(d_model=128, n_layers=4, attention=AttentionConfig(n_heads=4),
+                          **(kan if preset == "kan" else {})),
         train=TrainConfig(steps=400, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=40,
                           log_every=25, ckpt_every=100, eval_batches=16))
   return Config(
-      model=ModelConfig(d_model=512, n_layers=8, n_heads=8),
+      model=ModelConfig(d_model=512, n_layers=8, attention=AttentionConfig(n_heads=8)),
       train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1e-3, warmup_steps=1000,
                         log_every=100, ckpt_every=2000, eval_every=2000, eval_batches=32))
 

@@ -37,6 +37,8 @@ from jaxtricks.data.corpus import DataConfig
 from jaxtricks.data.sources import held_out_prompts
 from jaxtricks.decode import generate, speculative_generate
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.mtp import TransformerHeads
 from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.ops.mtp import loss_temp_bytes
 from jaxtricks.train.config import TrainConfig
@@ -57,35 +59,39 @@ class MtpConfig(Config):
 
 
 def get_config(preset: str) -> MtpConfig:
-  mtp = dict(mtp_heads=4, mtp_head="transformer")
+  mtp = dict(mtp=TransformerHeads(heads=4))
+  heads = lambda n: AttentionConfig(n_heads=n)  # noqa: E731
   train_cfg = TrainConfig(steps=400, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=40,
                           log_every=25, ckpt_every=100, eval_batches=16, loss="mtp")
   if preset == "smoke":
     return MtpConfig(
-        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, **mtp),
+        model=ModelConfig(d_model=64, n_layers=2, attention=heads(2), **mtp),
         train=TrainConfig(steps=30, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
                           log_every=10, ckpt_every=15, eval_batches=2, loss="mtp"),
         spec_prompts=2, spec_prompt_len=16, spec_new_tokens=24, sample_new_tokens=24)
   if preset == "default":
-    return MtpConfig(model=ModelConfig(d_model=128, n_layers=4, n_heads=4, **mtp), train=train_cfg)
+    return MtpConfig(model=ModelConfig(d_model=128, n_layers=4, attention=heads(4), **mtp),
+                     train=train_cfg)
   if preset == "deep":  # 11 trunk layers + 4 heads, 107 MB: batch-1 decoding is memory-bound
     return MtpConfig(
-        model=ModelConfig(d_model=384, n_layers=12, n_heads=6, **mtp),
+        model=ModelConfig(d_model=384, n_layers=12, attention=heads(6), **mtp),
         train=dataclasses.replace(train_cfg, steps=600, batch_size=16, lr=2e-3,
                                   warmup_steps=60))
   if preset == "compare":
     return MtpConfig(
-        model=ModelConfig(d_model=128, n_layers=6, n_heads=4, mtp_compute_matched=True, **mtp),
+        model=ModelConfig(d_model=128, n_layers=6, attention=heads(4),
+                          mtp=TransformerHeads(heads=4, compute_matched=True)),
         train=dataclasses.replace(train_cfg, steps=300, ckpt_every=0), compare_heads=(1, 4),
         spec_new_tokens=64)
   if preset in ("induction", "polynomial"):
     return MtpConfig(
-        model=ModelConfig(d_model=96, n_layers=3, n_heads=4, mtp_heads=2),
+        model=ModelConfig(d_model=96, n_layers=3, attention=heads(4),
+                          mtp=TransformerHeads(heads=2)),
         train=dataclasses.replace(train_cfg, steps=300, ckpt_every=0, batch_size=32),
         data=DataConfig(task=preset), compare_heads=(1, 2), spec_prompt_len=96,
         spec_new_tokens=32)
   return MtpConfig(
-      model=ModelConfig(d_model=1024, n_layers=16, n_heads=8, dtype="bfloat16", **mtp),
+      model=ModelConfig(d_model=1024, n_layers=16, dtype="bfloat16", attention=heads(8), **mtp),
       train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1e-3, warmup_steps=1000,
                         log_every=100, ckpt_every=2000, eval_batches=32, loss="mtp"),
       spec_prompts=16, spec_prompt_len=256, spec_new_tokens=256)
@@ -134,7 +140,7 @@ def decoding(result: RunResult, config: MtpConfig) -> dict:
       out["acceptance_per_position"] = list(spec[0][0].acceptance_per_position)
     return out
 
-  out = {"heads_used": result.model.config.mtp_heads, **measure([prompts])}
+  out = {"heads_used": result.model.config.mtp.heads, **measure([prompts])}
   out["batch1"] = measure([[p] for p in prompts])  # each prompt alone, in turn
   out["identical_to_greedy"] = out["identical_to_greedy"] and out["batch1"]["identical_to_greedy"]
   return out
@@ -169,7 +175,7 @@ def task_scores(result: RunResult, config: MtpConfig) -> dict:
 def _one_run(config: MtpConfig, workdir: str, exp: str) -> dict:
   result = train(config, workdir, exp=exp)
   m, t = config.model, config.train
-  n = m.mtp_heads
+  n = m.mtp.heads
   val = result.summary["val_metrics"]
   out = {
       "heads": n,
@@ -180,7 +186,7 @@ def _one_run(config: MtpConfig, workdir: str, exp: str) -> dict:
       "tokens_per_s": result.summary["tokens_per_s"],
       "train_wall_s": result.summary["wall_s"],
   }
-  if m.mtp_head != "sequential":
+  if m.mtp.can_draft:
     out["spec"] = decoding(result, config)
   out["mem"] = {
       "loss_temp_bytes_naive": loss_temp_bytes(n, t.batch_size, t.seq_len, m.d_model,
@@ -211,14 +217,15 @@ def run(config: MtpConfig, workdir: str) -> dict:
     summary = {"exp": "mtp", **_one_run(config, workdir, "mtp")}
   else:
     configs = {f"n{n}": dataclasses.replace(
-        config, model=dataclasses.replace(config.model, mtp_heads=n))
+        config, model=dataclasses.replace(config.model,
+                                          mtp=dataclasses.replace(config.model.mtp, heads=n)))
         for n in config.compare_heads}
     for cfg in configs.values():  # refuse a bad config before any training
       cfg.validate()
 
     def one(name: str, directory: str) -> dict:
       cfg = configs[name]
-      row = {"heads": cfg.model.mtp_heads, "depth": cfg.model.depth,
+      row = {"heads": cfg.model.mtp.heads, "depth": cfg.model.depth,
              **_one_run(cfg, directory, f"mtp/{name}")}
       mlog.log_progress(f"{name}: " + _row_text(row))
       return row

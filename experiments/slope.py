@@ -8,7 +8,8 @@ Trains, with equal steps and tokens on the embedded corpus: `dense`; `slope` (2:
 double-pruned backward, no adapters); `slope_adapters` (plus rank-r adapters over the last
 1 - adapter_start of the steps); `srste` (dynamic masks, Zhou et al. 2021); `dense_half` (half
 d_model). `--variants=slope_exact_backward` adds an ablation: static masks, exact input gradient;
-`--model.mask_change_freq=100` holds the backward's transposed mask for 100 steps at a time.
+`--model.projection.mask_change_freq=100` holds the backward's transposed mask for 100 steps at a
+time.
 The attention and MLP projections are pruned; the embedding and output head stay dense.
 XLA has no N:M sparse matmul, so sparse layers run as masked dense matmuls: no speed-up is
 claimed; the memory figures come from the actual compressed arrays.
@@ -39,6 +40,9 @@ from jaxtricks import metrics as mlog
 from jaxtricks.checkpoint import load_tree, save_tree
 from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.linear import DenseProjection
+from jaxtricks.layers.nm_projection import SlopeProjection, SRSTEProjection
 from jaxtricks.layers.sparse_linear import NMLeaf
 from jaxtricks.models import sparse
 from jaxtricks.models.transformer import ModelConfig, Transformer
@@ -53,39 +57,62 @@ VARIANTS = ("dense", "slope", "slope_adapters", "srste", "dense_half")
 ABLATIONS = ("slope_exact_backward",)
 
 
-def variant_config(base: ModelConfig, name: str) -> ModelConfig:
-  """The model config of a variant; N:M, targets, adapter rank and start come from `base`."""
-  rank = base.adapter_rank or max(base.d_model // 16, 1)
+def variant_config(base: ModelConfig, name: str, srste_decay: float = 2e-4) -> ModelConfig:
+  """The model config of a variant; N:M, blocks, targets, adapter rank and start come from
+  `base`, whose projection is SLoPe's."""
+  p = base.projection
+  rank = p.adapter_rank or max(base.d_model // 16, 1)
+  srste = SRSTEProjection(n=p.n, m=p.m, blocks=p.blocks, targets=p.targets, decay=srste_decay)
+  half = dict(d_model=base.d_model // 2, mlp=dataclasses.replace(base.mlp, d_ff=base.mlp.d_ff // 2))
   changes = {
-      "dense": dict(sparsity="none", adapter_rank=0),
-      "slope": dict(sparsity="slope", adapter_rank=0),
-      "slope_adapters": dict(sparsity="slope", adapter_rank=rank),
-      "srste": dict(sparsity="srste", adapter_rank=0),
-      "dense_half": dict(sparsity="none", adapter_rank=0, d_model=base.d_model // 2,
-                         d_ff=base.d_ff // 2),
-      "slope_exact_backward": dict(sparsity="slope", adapter_rank=0, sparse_backward="exact"),
+      "dense": dict(projection=DenseProjection()),
+      "slope": dict(projection=dataclasses.replace(p, adapter_rank=0)),
+      "slope_adapters": dict(projection=dataclasses.replace(p, adapter_rank=rank)),
+      "srste": dict(projection=srste),
+      "dense_half": dict(projection=DenseProjection(), **half),
+      "slope_exact_backward": dict(projection=dataclasses.replace(p, adapter_rank=0,
+                                                                  backward="exact")),
   }[name]
   return dataclasses.replace(base, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
 class SlopeConfig(Config):
+  model: ModelConfig = ModelConfig(projection=SlopeProjection())
   variants: tuple[str, ...] = ()  # empty: the five of VARIANTS; ABLATIONS may be named too
+  srste_decay: float = 2e-4       # the srste variant's lambda_w
+
+  def validate(self) -> SlopeConfig:
+    if self.model.projection.kind != "slope":
+      raise ConfigError(f"--exp=slope derives its variants from a SLoPe projection (N:M, "
+                        f"targets, adapters); model.projection={self.model.projection.kind!r} "
+                        "cannot be one")
+    super().validate()
+    return self
+
+  def variant(self, name: str) -> Config:
+    """The training config of variant `name` (the model of the variant, the same data and
+    steps)."""
+    return Config(model=variant_config(self.model, name, self.srste_decay), train=self.train,
+                  data=self.data, mesh=self.mesh)
 
 
 def get_config(preset: str) -> SlopeConfig:
   if preset == "smoke":
     return SlopeConfig(
-        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, adapter_rank=2, adapter_start=0.5),
+        model=ModelConfig(d_model=32, n_layers=2, attention=AttentionConfig(n_heads=2),
+                          projection=SlopeProjection(adapter_rank=2, adapter_start=0.5)),
         train=TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, log_every=3,
                           ckpt_every=0, eval_batches=1))
   if preset == "default":
     return SlopeConfig(
-        model=ModelConfig(d_model=128, n_layers=4, n_heads=4, adapter_rank=8),
+        model=ModelConfig(d_model=128, n_layers=4, attention=AttentionConfig(n_heads=4),
+                          projection=SlopeProjection(adapter_rank=8)),
         train=TrainConfig(steps=250, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=25,
                           log_every=25, ckpt_every=0, eval_batches=8))
   return SlopeConfig(
-      model=ModelConfig(d_model=768, n_layers=12, n_heads=12, adapter_rank=16),
+      model=ModelConfig(d_model=768, n_layers=12, attention=AttentionConfig(n_heads=12),
+                        projection=SlopeProjection(adapter_rank=16)),
       train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1e-3, warmup_steps=1000,
                         log_every=100, ckpt_every=2000, eval_batches=32))
 
@@ -93,7 +120,7 @@ def get_config(preset: str) -> SlopeConfig:
 def _random_extra_zeros(model_config: ModelConfig, seed: int) -> dict[str, float]:
   """Extra zeros of the double-pruned backward on random normal weights of the SLoPe model's
   kernel shapes, for its N:M and for 1:2 and 2:8."""
-  mc = dataclasses.replace(model_config, sparsity="slope", adapter_rank=0)
+  mc = variant_config(model_config, "slope")
   leaves = sparse.nm_leaves(Transformer(mc))
   shapes = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(
       Transformer(mc).init, jax.random.key(0), jax.numpy.zeros((1, 8), "int32"))["params"]))
@@ -101,8 +128,8 @@ def _random_extra_zeros(model_config: ModelConfig, seed: int) -> dict[str, float
   weights = traverse_util.unflatten_dict(
       {p: rng.standard_normal(shapes[p].shape).astype(np.float32) for p in leaves})
   out = {}
-  for n, m in ((mc.sparse_n, mc.sparse_m), (1, 2), (2, 8)):
-    if mc.d_model % m or mc.dim_per_head % m or mc.ff_dim % m:
+  for n, m in ((mc.projection.n, mc.projection.m), (1, 2), (2, 8)):
+    if mc.d_model % m or mc.dim_per_head % m or mc.mlp.width(mc) % m:
       continue
     nm = {p: NMLeaf(n, m, leaf.axis) for p, leaf in leaves.items()}
     out[f"{n}:{m}"] = sparse.extra_zero_fraction(weights, nm)
@@ -122,15 +149,16 @@ def _save_compressed(tree, path: str) -> dict:
 
 def _train_variant(config: SlopeConfig, name: str, directory: str, workdir: str) -> dict:
   """Trains variant `name`; its row, with the memory figures and checks the summary needs."""
-  model_cfg = variant_config(config.model, name)
-  result = train(dataclasses.replace(config, model=model_cfg), directory, exp=f"slope/{name}")
+  model_cfg = config.variant(name).model
+  result = train(config.variant(name), directory, exp=f"slope/{name}")
   leaves = sparse.nm_leaves(result.model)
   state = jax.device_get(result.state)
   params, kernel_paths = state.params, set(leaves)
   as_trained = sparse.tree_bytes(params) + sparse.tree_bytes(state.opt_state)
   # SLoPe's static-mask kernels can be held compressed; SR-STE's pruned weights can come back,
   # so its training state stays dense.
-  packed = sparse.compress_params(params, leaves) if model_cfg.sparsity == "slope" else params
+  packed = sparse.compress_params(params, leaves) if model_cfg.projection.kind == "slope" else (
+      params)
   compressed = sparse.tree_bytes(packed) + sparse.tree_bytes(state.opt_state)
   row = {
       "name": name,
@@ -144,7 +172,7 @@ def _train_variant(config: SlopeConfig, name: str, directory: str, workdir: str)
   }
   if name == "dense":
     # the dense run's weights and optimizer state at the kernels the SLoPe model prunes
-    pruned = set(sparse.nm_leaves(Transformer(variant_config(config.model, "slope"))))
+    pruned = set(sparse.nm_leaves(Transformer(config.variant("slope").model)))
     row["memory"] = {
         "dense_train_state_bytes": as_trained,
         "pruned_layers_dense_state_bytes": (sparse.bytes_at(params, pruned)
@@ -192,15 +220,13 @@ def run(config: SlopeConfig, workdir: str) -> dict:
   if unknown:
     raise ConfigError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS + ABLATIONS)}")
   for name in names:  # refuse a bad config before any training
-    dataclasses.replace(config, model=variant_config(config.model, name)).validate()
+    config.variant(name).validate()
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="slope"))
   rows = run_variants(
       workdir, names,
-      lambda name: variant_key(dataclasses.replace(config, model=variant_config(config.model,
-                                                                                name)),
-                               ignore=("variants",)),
+      lambda name: variant_key(config.variant(name), ignore=("variants",)),
       lambda name, directory: _train_variant(config, name, directory, workdir))
   by_name = {r["name"]: r for r in rows}
   at_init = _random_extra_zeros(config.model, config.train.seed)

@@ -3,7 +3,14 @@
 An experiment's config is a `Config` (or a subclass adding the experiment's own fields) holding a
 `ModelConfig`, `TrainConfig`, `DataConfig` and `MeshConfig`. Every leaf field has a dotted key
 (`model.d_model`, `train.lr`) that the command line can override; values are parsed by the field's
-annotated type.
+annotated type. A component slot (jaxtricks.registry) is a key whose value is a kind
+(`model.mlp=kan`), and the chosen kind's fields are keys below it (`model.mlp.grid=5`); the
+fields of the other kinds are keys too (so `--help` lists them), and setting one is an error that
+names the chosen kind. Choosing another kind keeps the fields the two kinds share.
+
+This parser is kept over ml_collections' `config_flags` and fiddle: `config_flags` overrides
+the fields of one fixed dataclass tree (a slot's kind cannot be chosen by name), and fiddle's
+flags take a different command-line syntax than the `--model.d_model=...` contract.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import types
 import typing
 from typing import Any
 
+from jaxtricks import registry
 from jaxtricks.data.corpus import DataConfig
 from jaxtricks.errors import ConfigError
-from jaxtricks.models.transformer import ModelConfig
+from jaxtricks.models.config import ModelConfig
 from jaxtricks.sharding import MeshConfig
 from jaxtricks.train.config import TrainConfig
 
@@ -40,20 +48,57 @@ class Config:
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-  """{'model.d_model': 128, ...} for every leaf field of a nested dataclass."""
+  """{'model.d_model': 128, 'model.mlp': 'swiglu', 'model.mlp.d_ff': 0, ...} for every leaf
+  field of a nested dataclass; a component slot gives its kind and that kind's fields."""
   out = {}
   for f in dataclasses.fields(cfg):
     value = getattr(cfg, f.name)
     key = f"{prefix}{f.name}"
-    if dataclasses.is_dataclass(value):
+    if registry.is_component(value):
+      out[key] = value.kind
+      out.update(flatten(value, key + "."))
+    elif dataclasses.is_dataclass(value):
       out.update(flatten(value, key + "."))
     else:
       out[key] = value
   return out
 
 
+def flag_defaults(cfg: Any) -> dict[str, tuple[Any, str]]:
+  """{key: (default, note)} of every key the command line accepts: `flatten(cfg)`, and for each
+  component slot the fields of its other kinds (at that kind's defaults)."""
+  out = {key: (value, "") for key, value in flatten(cfg).items()}
+  for key, component in _components(cfg):
+    out[key] = (component.kind, f" (one of {', '.join(registry.kinds(component.slot))})")
+    others: dict[str, tuple[Any, list[str]]] = {}
+    for kind, cls in registry.kinds(component.slot).items():
+      if kind != component.kind:
+        for sub, value in flatten(cls(), key + ".").items():
+          others.setdefault(sub, (value, []))[1].append(kind)
+    for sub, (value, owners) in others.items():
+      if sub not in out:
+        out[sub] = (value, f" (with {key}={'/'.join(owners)})")
+  return out
+
+
+def _components(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+  out = []
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if registry.is_component(value):
+      out.append((prefix + f.name, value))
+    if dataclasses.is_dataclass(value):
+      out.extend(_components(value, f"{prefix}{f.name}."))
+  return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-  return dataclasses.asdict(cfg)
+  """Nested dicts of the fields; a component as {'kind': its kind, **its fields}."""
+  out = {"kind": cfg.kind} if registry.is_component(cfg) else {}
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+  return out
 
 
 def to_json(cfg: Any) -> str:
@@ -112,19 +157,56 @@ def parse_value(text: str, typ: Any, key: str) -> Any:
 
 
 def override(cfg: Any, updates: dict[str, Any]) -> Any:
-  """Returns `cfg` with dotted keys replaced; string values are parsed by field type."""
-  valid = flatten(cfg)
+  """Returns `cfg` with dotted keys replaced; string values are parsed by field type. Component
+  kinds are chosen first (a new kind keeps the fields it shares with the one it replaces, e.g.
+  `heads` from one multi-token kind to another), then fields are set."""
+  valid = flag_defaults(cfg)
   for key in updates:
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=3)
       hint = f" (did you mean {', '.join(close)}?)" if close else ""
       raise ConfigError(
           f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(valid))}")
-  for key, value in updates.items():
-    if isinstance(value, str):
-      value = parse_value(value, field_type(cfg, key), key)
+  for key in sorted(updates, key=lambda k: k.count(".")):
+    value = updates[key]
+    *path, leaf = key.split(".")
+    parent = _get(cfg, path)
+    current = getattr(parent, leaf, None)
+    if registry.is_component(current):
+      value = _choose_kind(key, current, value)
+    else:
+      if registry.is_component(parent) and leaf not in {f.name for f in
+                                                         dataclasses.fields(parent)}:
+        slot_key = ".".join(path)
+        owners = [k for k, cls in registry.kinds(parent.slot).items()
+                  if leaf in {f.name for f in dataclasses.fields(cls)}]
+        raise ConfigError(f"{key} is a field of {slot_key}={'/'.join(owners)}, not of the chosen "
+                          f"{slot_key}={parent.kind!r}; choose it with --{slot_key}={owners[0]}")
+      if isinstance(value, str):
+        value = parse_value(value, field_type(cfg, key), key)
     cfg = _replace(cfg, key.split("."), value)
   return cfg
+
+
+def _get(obj: Any, path: list[str]) -> Any:
+  for name in path:
+    obj = getattr(obj, name)
+  return obj
+
+
+def _choose_kind(key: str, current: Any, value: Any) -> Any:
+  """The component for `--key=value`: `current` if it is of that kind, else the kind with the
+  fields it shares with `current` (the rest at their defaults)."""
+  if registry.is_component(value):
+    return value
+  table = registry.kinds(current.slot)
+  if value not in table:
+    raise ConfigError(f"{key}={value!r} is unknown; valid: {', '.join(table)}")
+  if value == current.kind:
+    return current
+  cls = table[value]
+  shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(current)}
+  return cls(**{name: getattr(current, name) for name in shared})
 
 
 def _replace(obj: Any, path: list[str], value: Any) -> Any:

@@ -19,18 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtricks.layers.dtypes import resolve_dtype
 from jaxtricks.ops.mtp import greedy_accepts, speculative_accepts
 
 
 def init_cache(config, batch: int, max_len: int, mtp_heads: int = 1) -> dict:
-  """Zeroed cache for the K/V-producing layers of `config` (a ModelConfig), plus the transformer
-  heads 2..mtp_heads of a multi-token model (for self-speculative decoding)."""
-  shape = (batch, config.kv_heads, max_len, config.dim_per_head)  # head-major: see ops.attention
-  dtype = resolve_dtype(config.dtype)
-  names = [f"layer_{i}" for i in config.kv_producers]
-  names += [f"mtp_{i}" for i in config.mtp_cache_heads if i < mtp_heads]
-  cache = {name: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for name in names}
+  """Zeroed decode cache of `config` (a ModelConfig): each component's entries (the K/V of the
+  producing layers; the caches of multi-token heads 2..mtp_heads that have one, for
+  self-speculative decoding) and `lengths`, each row's number of cached tokens."""
+  cache = {}
+  for component in config.components():
+    cache.update(component.cache_entries(config, batch, max_len, mtp_heads))
   cache["lengths"] = jnp.zeros((batch,), jnp.int32)
   return cache
 
@@ -102,7 +100,7 @@ def _generate(params, tokens_BxP, lengths_B, rng, *, model, max_new_tokens, max_
               temperature, top_k, top_p, stop_tokens):
   b = tokens_BxP.shape[0]
   cache = init_cache(model.config, b, max_len)
-  logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, cache=cache)
+  logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, cache, method="decode")
   cache["lengths"] = lengths_B
   last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
@@ -115,7 +113,8 @@ def _generate(params, tokens_BxP, lengths_B, rng, *, model, max_new_tokens, max_
     out_BxN = out_BxN.at[:, i].set(tok_B)
     n_B = n_B + (~done_B).astype(jnp.int32)
     done_B = done_B | jnp.isin(tok_B, stops)
-    logits_Bx1xV, cache = model.apply({"params": params}, tok_B[:, None], cache=cache)
+    logits_Bx1xV, cache = model.apply({"params": params}, tok_B[:, None], cache,
+                                      method="decode")
     return i + 1, cache, logits_Bx1xV[:, 0], out_BxN, n_B, done_B, rng
 
   def cond(carry):
@@ -188,8 +187,8 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   b = tokens_BxP.shape[0]
   variables = {"params": params}
   project = lambda h: model.apply(variables, h, method="project")
-  heads = lambda toks, cache: model.apply(variables, toks, cache=cache, n_heads=k,
-                                          method="heads_hidden")
+  heads = lambda toks, cache: model.apply(variables, toks, cache, k,
+                                          method="decode_heads_hidden")
   h_KxBxPxD, cache = heads(tokens_BxP, init_cache(model.config, b, max_len, mtp_heads=k))
   cache["lengths"] = lengths_B
   h_KxBxD = jnp.take_along_axis(h_KxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
@@ -269,12 +268,13 @@ def speculative_generate(model, params, prompts: Sequence[Sequence[int]] | np.nd
   `generate`'s; sampling output has the same distribution. n_heads: k (default: all heads).
   """
   cfg = model.config
-  k = cfg.mtp_heads if n_heads is None else n_heads
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= cfg.mtp_heads:
-    raise ValueError(f"n_heads={k!r} must be an int in [1, {cfg.mtp_heads}] (the model's heads)")
-  if cfg.mtp_head == "sequential" and k > 1:
-    raise ValueError("speculative_generate drafts with parallel heads (transformer or linear); "
-                     "this model has sequential modules")
+  n = cfg.mtp.heads
+  k = n if n_heads is None else n_heads
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+    raise ValueError(f"n_heads={k!r} must be an int in [1, {n}] (the model's heads)")
+  if not cfg.mtp.can_draft and k > 1:
+    raise ValueError(f"speculative_generate drafts with parallel heads; this model's "
+                     f"model.mtp={cfg.mtp.kind!r} heads do not draft")
   check_settings(model, max_new_tokens, temperature, top_k, top_p)
   longest = max((len(p) for p in prompts), default=0)
   max_len = longest + max_new_tokens + k  # a block of k slots past the last accepted token

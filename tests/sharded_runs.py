@@ -16,7 +16,8 @@ from jaxtricks.config import override
 from jaxtricks.train.loop import train
 from tests.support import SMOKE_OVERRIDES
 
-SLOPE_OVERRIDES = {"model.sparsity": "slope", "model.adapter_rank": 2, "model.adapter_start": 0.5}
+SLOPE_OVERRIDES = {"model.projection": "slope", "model.projection.adapter_rank": 2,
+                   "model.projection.adapter_start": 0.5}
 
 MESHES = {
     "fsdp8": {},  # the default: mesh.fsdp=-1 takes all 8 devices

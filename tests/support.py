@@ -188,6 +188,30 @@ def launch_limited(*flags: str, file_size_limit: int, devices: int = 1
   return run_python(["-c", code, *flags], devices=devices)
 
 
+def random_params(model, tokens, seed: int = 0) -> dict:
+  """Parameters of a Transformer `model` with numpy normal values (norm scales around 1, kernels
+  scaled by 1/sqrt(fan-in)), for tests that need weights far from the small init."""
+  import flax.linen as nn  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "scale":
+      x = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
+    elif name == "embedding":
+      x = rng.standard_normal(leaf.shape)
+    else:  # a Linear kernel; the output projection `o` contracts two axes (heads, head_dim)
+      fan_in = leaf.shape[0] * (leaf.shape[1] if path[-2].key == "o" else 1)
+      x = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+    return jnp.asarray(x, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def readme_summary_keys(exp: str) -> list[str]:
   """The backticked names in the summary column of README's experiments table, row `exp`."""
   for line in (REPO / "README.md").read_text().splitlines():

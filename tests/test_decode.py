@@ -9,45 +9,27 @@ run op by op (no jit): nine model variants would otherwise compile three program
 by op the compiled kernels are shared between variants.
 """
 
-import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxtricks.config import override
 from jaxtricks.decode import cache_bytes, filter_logits, generate, init_cache, sample
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops.attention import kv_bytes_per_token
+from tests import support
 
 HEADS = {"MHA": 4, "GQA": 2, "MQA": 1}
 SHARING = (1, 2, 3)
 # 4 layers: CLA2 reads (0, 0, 2, 2), CLA3 reads (0, 1, 1, 1).
-BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4)
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=4, attention=AttentionConfig(n_heads=4))
 
 
-def random_params(model: Transformer, tokens, seed: int = 0) -> dict:
-  """Parameters of `model` with numpy normal values (norm scales around 1)."""
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      x = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
-    elif name == "embedding":
-      x = rng.standard_normal(leaf.shape)
-    else:  # a Linear kernel; the output projection `o` contracts two axes (heads, head_dim)
-      fan_in = leaf.shape[0] * (leaf.shape[1] if path[-2].key == "o" else 1)
-      x = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    return jnp.asarray(x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def variant(heads: str, sharing: int, **kw) -> ModelConfig:
-  return dataclasses.replace(BASE, n_kv_heads=HEADS[heads], kv_sharing=sharing, **kw)
+def variant(heads: str, sharing: int) -> ModelConfig:
+  return override(BASE, {"attention.n_kv_heads": HEADS[heads], "attention.kv_sharing": sharing})
 
 
 # --- The allocated cache ---------------------------------------------------------------------
@@ -77,10 +59,11 @@ def test_mqa_cla2_allocates_exactly_half_of_mqa():
 
 def test_allocated_cache_of_the_cla_paper_models():
   """Table 1 of the CLA paper (20 layers, d_model 2048, 16-bit), from allocated arrays."""
-  paper = ModelConfig(d_model=2048, n_layers=20, n_heads=16, n_kv_heads=1, dtype="bfloat16")
+  paper = ModelConfig(d_model=2048, n_layers=20, dtype="bfloat16",
+                      attention=AttentionConfig(n_heads=16, n_kv_heads=1))
   per_token = {1: 10_240, 2: 5_120, 3: 3_584}
   for sharing, expected in per_token.items():
-    cache = init_cache(dataclasses.replace(paper, kv_sharing=sharing), batch=2, max_len=3)
+    cache = init_cache(override(paper, {"attention.kv_sharing": sharing}), batch=2, max_len=3)
     assert cache["layer_0"]["k"].dtype == jnp.bfloat16
     assert cache_bytes(cache) == expected * 2 * 3
   assert per_token[2] * 2 == per_token[1]
@@ -102,12 +85,12 @@ def test_cached_decoding_equals_full_forward(heads, sharing):
   cfg = variant(heads, sharing)
   model = Transformer(cfg)
   tokens = jnp.asarray(np.random.default_rng(sharing).integers(0, 64, (B, T)), jnp.int32)
-  params = random_params(model, tokens, seed=HEADS[heads])
+  params = support.random_params(model, tokens, seed=HEADS[heads])
   full = np.asarray(model.apply({"params": params}, tokens))
   cache = init_cache(cfg, B, MAX_LEN)  # 2 slots stay unwritten: the length mask must hide them
   pieces = []
   for start, stop in CHUNKS:
-    logits, cache = model.apply({"params": params}, tokens[:, start:stop], cache=cache)
+    logits, cache = model.apply({"params": params}, tokens[:, start:stop], cache, method="decode")
     assert logits.shape == (B, stop - start, cfg.vocab_size)
     np.testing.assert_array_equal(cache["lengths"], [stop] * B)
     pieces.append(np.asarray(logits))
@@ -118,8 +101,8 @@ def test_cached_decoding_equals_full_forward(heads, sharing):
 
 # --- generate ---------------------------------------------------------------------------------
 
-GEN_CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      kv_sharing=2)  # GQA-CLA2: layer 1 reuses layer 0's K/V
+GEN_CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2,  # GQA-CLA2: layer 1 reuses 0's K/V
+                      attention=AttentionConfig(n_heads=4, n_kv_heads=2, kv_sharing=2))
 PROMPTS = [[5, 17, 3], [9, 1, 60, 22, 7, 7, 30], [44, 2, 8, 13, 50]]
 N_NEW, GEN_LEN = 6, 16
 
@@ -127,7 +110,7 @@ N_NEW, GEN_LEN = 6, 16
 @pytest.fixture(scope="module")
 def gen():
   model = Transformer(GEN_CFG)
-  params = random_params(model, jnp.zeros((1, 4), jnp.int32), seed=7)
+  params = support.random_params(model, jnp.zeros((1, 4), jnp.int32), seed=7)
   full = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
 
   def next_logits(seq):

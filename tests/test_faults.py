@@ -19,6 +19,7 @@ from jaxtricks import checkpoint, sharding
 from jaxtricks.config import Config
 from jaxtricks.data.corpus import DataConfig
 from jaxtricks.errors import UserError
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.metrics import JsonlWriter
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.sharding import MeshConfig
@@ -36,7 +37,7 @@ STEPS = 6
 def config(tmp_path_factory):
   corpus = support.write_text_corpus(tmp_path_factory.mktemp("corpus"))
   return Config(
-      model=ModelConfig(d_model=32, n_layers=1, n_heads=2),
+      model=ModelConfig(d_model=32, n_layers=1, attention=AttentionConfig(n_heads=2)),
       train=TrainConfig(steps=STEPS, batch_size=4, seq_len=16, warmup_steps=1, log_every=1,
                         ckpt_every=2, eval_batches=1),
       data=DataConfig(corpus=corpus, val_fraction=0.2))

@@ -60,3 +60,15 @@ def test_smoke_preset_runs_the_default_stages_smaller():
   same = ("function", "widths", "optimizer", "hellokan", "hello_widths", "grid_spans_range")
   assert [getattr(smoke, k) for k in same] == [getattr(default, k) for k in same]
   assert smoke.grids == default.grids[:len(smoke.grids)]
+
+
+def test_kan_config_refuses_flags_it_would_ignore(tmp_path):
+  """The config holds only what the experiment uses: no model section, no train.log_every. An
+  undefined flag is refused by the flag parser, a shortcut to a missing key by the override."""
+  for flag, message in (("--model.d_model=3", "unknown flag --model.d_model;"),
+                        ("--log_every=5", "unknown config key 'train.log_every'")):
+    proc = support.launch("--exp=kan", "--preset=smoke", flag, f"--workdir={tmp_path}")
+    assert proc.returncode == 2, support.describe(proc)
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), (
+        support.describe(proc))
+    assert "Traceback" not in proc.stderr

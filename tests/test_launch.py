@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxtricks.models.transformer import ModelConfig
 from tests import support
 
 SUMMARY_KEYS = ("exp", "steps", "params", "final_train_loss", "val_loss", "val_bits_per_byte",
@@ -112,14 +111,21 @@ ERRORS = {
                      ["unknown flag --stepz", "did you mean --steps"]),
     "bad_type": (["--preset=smoke", "--model.d_model=abc"], 1,
                  ["model.d_model: cannot parse 'abc' as int"]),
-    "heads_do_not_divide": (["--preset=smoke", "--model.n_heads=3"], 1,
-                            ["model.n_heads=3 does not divide model.d_model=64"]),
-    "cla_factor_above_depth": (["--preset=smoke", "--model.kv_sharing=3"], 1,
-                               ["model.kv_sharing=3 must be between 1 and the depth 2"]),
-    "sparse_n_above_m": (["--preset=smoke", "--model.sparsity=slope", "--model.sparse_n=5",
-                          "--model.sparse_m=4"], 1, ["sparse_n=5"]),
-    "kan_grid_below_1": (["--preset=smoke", "--model.mlp=kan", "--model.kan_grid=0"], 1,
-                         ["model.kan_grid=0 must be >= 1"]),
+    "heads_do_not_divide": (["--preset=smoke", "--model.attention.n_heads=3"], 1,
+                            ["model.attention.n_heads=3 does not divide model.d_model=64"]),
+    "cla_factor_above_depth": (["--preset=smoke", "--model.attention.kv_sharing=3"], 1,
+                               ["CLA sharing factor 3 must be between 1 and the depth 2"]),
+    "sparse_n_above_m": (["--preset=smoke", "--model.projection=slope", "--model.projection.n=5",
+                          "--model.projection.m=4"], 1, ["N:M sparsity needs 0 < N <= M", "N=5"]),
+    "kan_grid_below_1": (["--preset=smoke", "--model.mlp=kan", "--model.mlp.grid=0"], 1,
+                         ["model.mlp.grid=0 must be >= 1"]),
+    "field_of_another_kind": (["--preset=smoke", "--model.mlp.grid=3"], 1,
+                              ["model.mlp.grid is a field of model.mlp=kan, not of the chosen "
+                               "model.mlp='swiglu'"]),
+    "unknown_kind": (["--preset=smoke", "--model.projection=lora"], 1,
+                     ["model.projection='lora' is unknown; valid: dense, slope, srste"]),
+    "old_config_format": (["--preset=smoke"], 1,
+                          ["was written by an older jaxtricks (a flat model config"]),
     "batch_not_divisible": (["--preset=smoke", "--train.batch_size=12"], 8,
                             ["train.batch_size=12 is not divisible by the data-parallel size 8"]),
     "empty_corpus": (["--preset=smoke", "--data.corpus=/nonexistent/*.txt"], 1,
@@ -133,10 +139,11 @@ ERRORS = {
     "workdir_full": (["--preset=smoke"], 1, ["is not writable: File too large"]),
 }
 SKIPS = {  # name -> reason, where the case cannot run here
-    "sparse_n_above_m": (None if hasattr(ModelConfig(), "sparse_n")
-                         else "model.sparse_n is not a config field yet"),
     "workdir_read_only": ("root ignores file permissions" if os.geteuid() == 0 else None),
 }
+# The flat model config of jaxtricks before components, as its config.json held it.
+OLD_MODEL = {"vocab_size": 256, "d_model": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 0,
+             "attention": "mha", "mlp": "swiglu", "mtp_heads": 1, "sparsity": "none"}
 CASES = [pytest.param(name, marks=pytest.mark.skipif(bool(SKIPS.get(name)),
                                                      reason=SKIPS.get(name) or ""))
          for name in ERRORS]
@@ -155,17 +162,21 @@ def error_runs(smoke_run, tmp_path_factory):
     for i in range(3):
       (tmp / f"empty{i}.txt").write_bytes(b"")
     flags = [f.format(tmp=tmp) for f in flags] + [f"--workdir={workdir}"]
+    if name == "old_config_format":  # the smoke run's checkpoints under the old format
+      config = json.loads((workdir / "config.json").read_text())
+      (workdir / "config.json").write_text(json.dumps(dict(config, model=OLD_MODEL)))
+    before = support.file_digests(workdir)
     if name == "workdir_full":  # no file can grow: as on a full disk
-      return support.launch_limited(*flags, file_size_limit=0, devices=devices)
+      return support.launch_limited(*flags, file_size_limit=0, devices=devices), before
     if name == "workdir_read_only":
       for path in (workdir, *workdir.rglob("*")):
         path.chmod(path.stat().st_mode & ~0o222)
       try:
-        return support.launch(*flags, devices=devices)
+        return support.launch(*flags, devices=devices), before
       finally:
         for path in (workdir, *workdir.rglob("*")):
           path.chmod(path.stat().st_mode | 0o200)
-    return support.launch(*flags, devices=devices)
+    return support.launch(*flags, devices=devices), before
 
   names = [name for name in ERRORS if not SKIPS.get(name)]
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -176,7 +187,7 @@ def error_runs(smoke_run, tmp_path_factory):
 @pytest.mark.parametrize("name", CASES)
 def test_user_error_is_one_clear_line_without_traceback(error_runs, name):
   procs, _ = error_runs
-  proc = procs[name]
+  proc, _ = procs[name]
   assert proc.returncode == 2, support.describe(proc)
   assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
   error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -188,8 +199,8 @@ def test_user_error_is_one_clear_line_without_traceback(error_runs, name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_leaves_the_workdir_and_its_checkpoints_untouched(error_runs, smoke_run, name):
-  _, base = error_runs
-  assert support.file_digests(base / name / "run") == support.file_digests(smoke_run.workdir)
+  procs, base = error_runs
+  assert support.file_digests(base / name / "run") == procs[name][1]
 
 
 def test_refused_resume_leaves_the_workdir_untouched(error_runs, smoke_run):

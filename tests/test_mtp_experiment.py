@@ -52,7 +52,7 @@ def test_polynomial_task_run_reports_exact_match(tmp_path):
   workdir = tmp_path / "poly"
   flags = ("--exp=mtp", "--preset=smoke", f"--workdir={workdir}", "--data.task=polynomial",
            "--train.seq_len=96", "--steps=4", "--compare_heads=1,2", "--spec_prompt_len=96",
-           "--task_examples=4", "--task_ood_ops=6", "--model.mtp_heads=2")
+           "--task_examples=4", "--task_ood_ops=6", "--model.mtp.heads=2")
   proc = support.launch(*flags)
   assert proc.returncode == 0, support.describe(proc)
   summary = json.loads((workdir / "summary.json").read_text())
@@ -75,5 +75,4 @@ def test_polynomial_task_run_reports_exact_match(tmp_path):
 def test_smoke_preset_runs_what_the_default_runs():
   smoke, default = mtp.get_config("smoke"), mtp.get_config("default")
   assert smoke.compare_heads == default.compare_heads == ()
-  assert (smoke.model.mtp_heads, smoke.model.mtp_head) == (default.model.mtp_heads,
-                                                           default.model.mtp_head)
+  assert smoke.model.mtp == default.model.mtp

@@ -2,7 +2,6 @@
 stop tokens, batches whose rows accept different numbers of drafts), real acceptance on a model
 that has learned its data, sampling mode, and clear errors."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +9,15 @@ import numpy as np
 import optax
 import pytest
 
+from jaxtricks.config import override
 from jaxtricks.decode import generate, speculative_generate
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.mtp import TransformerHeads
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.train.losses import LOSSES
 
-CFG = ModelConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mtp_heads=4)
+CFG = ModelConfig(vocab_size=16, d_model=32, n_layers=2,
+                  attention=AttentionConfig(n_heads=4, n_kv_heads=2), mtp=TransformerHeads(heads=4))
 P_MAX, NEW = 8, 24
 
 
@@ -31,7 +34,7 @@ def _assert_same(plain, spec):
 
 @pytest.mark.parametrize("kind", ["transformer", "linear"])
 def test_greedy_speculative_equals_greedy_on_random_models(kind):
-  model = Transformer(dataclasses.replace(CFG, mtp_head=kind))
+  model = Transformer(override(CFG, {"mtp": kind}))
   init = jax.jit(model.init)  # one compilation for the four draws (eager init is slow)
   for seed in range(4):  # random weights and prompts, hypothesis-style
     params = init(jax.random.key(seed), jnp.zeros((1, P_MAX), jnp.int32))["params"]
@@ -60,7 +63,7 @@ def trained():
 
   @jax.jit
   def step(params, opt_state):
-    grads = jax.grad(lambda p: LOSSES["mtp"](model, p, batch, None)[0])(params)
+    grads = jax.grad(lambda p: LOSSES["mtp"](model, p, batch)[0])(params)
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(params, updates), opt_state
 
@@ -132,9 +135,9 @@ def test_bad_arguments_are_refused(trained, kwargs, message):
 
 
 def test_sequential_modules_do_not_draft():
-  model = Transformer(dataclasses.replace(CFG, mtp_head="sequential", mtp_heads=2))
+  model = Transformer(override(CFG, {"mtp": "sequential", "mtp.heads": 2}))
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  with pytest.raises(ValueError, match="drafts with parallel heads"):
+  with pytest.raises(ValueError, match="model.mtp='sequential' heads do not draft"):
     speculative_generate(model, params, [[1, 2]], 4)
   # Plain decoding still works: it uses the next-token path only.
   assert generate(model, params, [[1, 2]], 4).tokens.shape == (1, 4)

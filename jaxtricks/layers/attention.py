@@ -8,14 +8,27 @@ in as `shared_kv` (Cross-Layer Attention: no K/V projections at all). With a cac
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxtricks.layers.sparse_linear import NMSpec, linear_class
-from jaxtricks.ops.attention import attention, cached_attention, causal_mask
+from jaxtricks.errors import ConfigError
+from jaxtricks.layers.dtypes import resolve_dtype
+from jaxtricks.layers.linear import Linear
+from jaxtricks.ops.attention import (
+  IMPLEMENTATIONS,
+  attention,
+  cached_attention,
+  causal_mask,
+  kv_sources,
+)
 from jaxtricks.ops.rope import apply_rope
+from jaxtricks.registry import Component, register
 
 
 @struct.dataclass
@@ -44,22 +57,24 @@ class SelfAttention(nn.Module):
   implementation: str = "naive"
   dtype: str = "float32"
   param_dtype: str = "float32"
-  sparsity: NMSpec | None = None  # N:M sparse projections (SLoPe, SR-STE)
+  projection: Callable[..., nn.Module] = Linear  # the model's projection kind (dense, N:M, ...)
 
   @nn.compact
   def __call__(self, xq_BxTxD: jnp.ndarray, xkv_BxTxD: jnp.ndarray,
                positions_BxT: jnp.ndarray | None, shared_kv: KV | None = None,
-               cache: dict | None = None) -> tuple[jnp.ndarray, KV, dict | None]:
+               cache: dict | None = None, train: bool = False
+               ) -> tuple[jnp.ndarray, KV, dict | None]:
     """Returns (output (B, T, D), the K/V this layer attended to, its updated cache or None).
 
     positions None means every row is at 0..T-1 (training): static RoPE tables and causal mask.
     """
+    del train  # no train-only behaviour
     if cache is not None and positions_BxT is None:
       raise ValueError("decoding with a cache needs the positions of the new tokens")
     d = xq_BxTxD.shape[-1]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n, k, h = self.n_heads, self.n_kv_heads, self.head_dim
-    Linear = linear_class(self.sparsity)  # noqa: N806
+    Linear = self.projection  # noqa: N806
     q_BxTxNxH = Linear((n, h), ("embed", "heads", "head_dim"), std=d ** -0.5, name="q",
                        **kw)(xq_BxTxD)
     q_BxTxNxH = apply_rope(q_BxTxNxH, positions_BxT, self.rope_base)
@@ -97,3 +112,61 @@ class SelfAttention(nn.Module):
     out_BxTxD = Linear((d,), ("heads", "head_dim", "embed"), in_ndim=2, std=std, name="o",
                        **kw)(out_BxTxNxH)
     return out_BxTxD, kv, cache
+
+
+@register("attention", "mha")
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig(Component):
+  """RoPE self-attention with n_kv_heads K/V heads (MHA, GQA, MQA) and Cross-Layer Attention:
+  layer i attends with the K/V of layer kv_source[i] (`kv_sharing` or an explicit `kv_layout`)."""
+  n_heads: int = 4
+  n_kv_heads: int = 0            # 0 means n_heads (multi-head attention)
+  head_dim: int = 0              # 0 means d_model // n_heads
+  rope_base: float = 10_000.0
+  kv_sharing: int = 1            # CLA factor: CLA2 = 2 layers share one K/V
+  kv_layout: tuple[int, ...] = ()  # explicit kv_source per layer (wins over kv_sharing)
+  impl: str = "naive"            # naive | xla | cudnn (jax.nn.dot_product_attention)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  def head_size(self, d_model: int) -> int:
+    return self.head_dim or d_model // self.n_heads
+
+  def kv_source(self, depth: int) -> tuple[int, ...]:
+    return kv_sources(depth, self.kv_sharing, self.kv_layout)
+
+  def validate(self, model: Any) -> None:
+    if self.n_heads < 1:
+      raise ConfigError(f"model.attention.n_heads must be >= 1, got {self.n_heads}")
+    if not self.head_dim and model.d_model % self.n_heads:
+      raise ConfigError(f"model.attention.n_heads={self.n_heads} does not divide "
+                        f"model.d_model={model.d_model}")
+    if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+      raise ConfigError(f"model.attention.n_kv_heads={self.kv_heads} does not divide "
+                        f"model.attention.n_heads={self.n_heads}")
+    try:
+      self.kv_source(model.depth)
+    except ValueError as e:
+      raise ConfigError(f"model.attention: {e}") from None
+    if self.impl not in IMPLEMENTATIONS:
+      raise ConfigError(f"model.attention.impl={self.impl!r} is unknown; valid: "
+                        f"{', '.join(IMPLEMENTATIONS)}")
+    if self.head_size(model.d_model) % 2:
+      raise ConfigError(f"RoPE needs an even head dimension, got {self.head_size(model.d_model)}")
+
+  def build(self, model: Any, produces_kv: bool, projection: Callable) -> nn.Module:
+    return SelfAttention(self.n_heads, self.kv_heads, self.head_size(model.d_model),
+                         produces_kv=produces_kv, n_layers=model.n_layers,
+                         rope_base=self.rope_base, implementation=self.impl, dtype=model.dtype,
+                         param_dtype=model.param_dtype, projection=projection, name="attn")
+
+  def kv_cache(self, model: Any, batch: int, max_len: int) -> dict:
+    """One layer's zeroed K/V cache, head-major (B, K, S, H): see ops.attention."""
+    shape = (batch, self.kv_heads, max_len, self.head_size(model.d_model))
+    dtype = resolve_dtype(model.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def cache_entries(self, model: Any, batch: int, max_len: int, mtp_heads: int) -> dict:
+    return {f"layer_{i}": self.kv_cache(model, batch, max_len) for i in model.kv_producers}

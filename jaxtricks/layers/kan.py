@@ -9,12 +9,18 @@ switches pruned edges off.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtricks.errors import ConfigError
 from jaxtricks.layers.dtypes import resolve_dtype
 from jaxtricks.ops import kan
+from jaxtricks.registry import Component, register
 
 BASES = ("bspline", "rbf", "chebyshev")
 INITS = ("pykan", "efficient")
@@ -117,10 +123,37 @@ class KANFeedForward(nn.Module):
   param_dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x_BxTxD: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x_BxTxD: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    del train  # no train-only behaviour
     kw = dict(grid_size=self.grid_size, order=self.order, init_style="efficient",
               grid_range=(-self.grid_range, self.grid_range), dtype=self.dtype,
               param_dtype=self.param_dtype)
     h_BxTxF = KANLayer(self.hidden, axes=("embed", "mlp"), name="up", **kw)(x_BxTxD)
     y_BxTxD = KANLayer(x_BxTxD.shape[-1], axes=("mlp", "embed"), name="down", **kw)(h_BxTxF)
     return y_BxTxD * (2 * self.n_layers) ** -0.5
+
+
+@register("mlp", "kan")
+@dataclasses.dataclass(frozen=True)
+class KANMLPConfig(Component):
+  """Two KAN layers d -> d_ff -> d in place of the MLP (`KANFeedForward`)."""
+  d_ff: int = 0          # hidden width; 0 means d_model
+  grid: int = 5          # B-spline intervals
+  order: int = 3
+  range: float = 3.0     # knots span [-range, range] (inputs are RMS-normalised)
+  has_projections: ClassVar[bool] = False  # no linear projections for a projection kind
+
+  def width(self, model: Any) -> int:
+    return self.d_ff or model.d_model
+
+  def validate(self, model: Any) -> None:
+    for name, ok, bound in (("d_ff", self.d_ff >= 0, ">= 0"), ("grid", self.grid >= 1, ">= 1"),
+                            ("order", self.order >= 0, ">= 0"), ("range", self.range > 0, "> 0")):
+      if not ok:
+        raise ConfigError(f"model.mlp.{name}={getattr(self, name)} must be {bound}")
+
+  def build(self, model: Any, projection: Callable) -> nn.Module:
+    del projection  # spline edges, not linear projections
+    return KANFeedForward(self.width(model), self.grid, self.order, self.range,
+                          n_layers=model.n_layers, dtype=model.dtype,
+                          param_dtype=model.param_dtype, name="mlp")

@@ -1,16 +1,21 @@
 """A dense layer as one matmul, with logical axis names on its kernel and mixed precision.
 
-Every projection in the Transformer goes through `Linear`, so a trick that changes how weights are
-stored or multiplied (sparsity, low-rank adapters) replaces this one module.
+Every projection of the attention and MLP blocks is built by the model's projection component
+(`model.projection`): `dense` gives `Linear`; a trick that changes how weights are stored or
+multiplied (N:M sparsity, low-rank adapters) registers another kind whose `factory` returns its
+module for the projections it applies to.
 """
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtricks.layers.dtypes import resolve_dtype
+from jaxtricks.registry import Component, register
 
 
 def default_init(std: float = 0.02):
@@ -44,3 +49,14 @@ class Linear(nn.Module):
     batch_shape = x.shape[:x.ndim - self.in_ndim]
     y = x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)
     return y.reshape(*batch_shape, *self.features)
+
+
+@register("projection", "dense")
+@dataclasses.dataclass(frozen=True)
+class DenseProjection(Component):
+  """Every projection a plain `Linear`."""
+
+  def factory(self, model: Any, layer: int, where: str) -> Callable[..., nn.Module]:
+    """The module class (or partial) block `layer`'s `where` ('attn' or 'mlp') projections use."""
+    del model, layer, where
+    return Linear

@@ -1,13 +1,36 @@
-"""Linear multi-token prediction heads (Gloeckle et al. 2024, arXiv 2404.19737, Table S5 "linear").
+"""Multi-token prediction heads (Gloeckle et al. 2024, arXiv 2404.19737; DeepSeek-V3, arXiv
+2412.19437): head i of n predicts token t + i from the trunk at position t. Head 1 is the model's
+next-token path; heads 2..n are modules `mtp_1 .. mtp_{n-1}` beside the trunk, of one of three
+kinds, each a component of the `mtp` slot:
 
-Head i maps the trunk output z to z + z W_i before the shared final norm and unembedding; W_i
-starts small, so every head starts as a copy of the next-token head and learns its offset.
+- `transformer`: parallel transformer layers on the input of the last trunk block (Gloeckle et
+  al.), each with a KV cache of its own, so they draft for self-speculative decoding;
+- `linear`: z + z W_i on the trunk output (their Table S5 "linear"); W_i starts small, so every
+  head starts as a copy of the next-token head and learns its offset;
+- `sequential`: DeepSeek-V3's modules (eq. 21-22), a block over W [RMSNorm(h_prev);
+  RMSNorm(Emb(token t + i))], W a 2D -> D projection, chained from the trunk output.
 """
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxtricks.errors import ConfigError
 from jaxtricks.layers.linear import Linear
+from jaxtricks.layers.norm import RMSNorm
+from jaxtricks.registry import Component, register
+
+
+class Trunk(NamedTuple):
+  """What the heads read: the last block's output and input (pre-norm), and the positions."""
+  x_BxTxD: jnp.ndarray
+  z_BxTxD: jnp.ndarray
+  positions_BxT: jnp.ndarray | None
 
 
 class ResidualLinearHead(nn.Module):
@@ -20,3 +43,103 @@ class ResidualLinearHead(nn.Module):
     w = Linear((d,), ("embed", "embed_out"), std=0.02 * d ** -0.5, dtype=self.dtype,
                param_dtype=self.param_dtype, name="proj")
     return z_BxTxD + w(z_BxTxD)
+
+
+class SequentialModule(nn.Module):
+  """One DeepSeek-V3 module: `block` (the Transformer's block class) over the projection of the
+  previous state and the next token's embedding, both RMS-normalised."""
+  config: Any
+  block: Callable[..., nn.Module]
+
+  @nn.compact
+  def __call__(self, h_prev_BxTxD, emb_BxTxD, positions_BxT, train: bool = False):
+    cfg = self.config
+    norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    both_BxTx2xD = jnp.stack([RMSNorm(name="h_norm", **norm)(h_prev_BxTxD),
+                              RMSNorm(name="emb_norm", **norm)(emb_BxTxD)], axis=-2)
+    x_BxTxD = Linear((cfg.d_model,), ("mtp_in", "embed", "embed_out"), in_ndim=2, name="proj",
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype)(both_BxTx2xD)
+    block = self.block(cfg, cfg.depth - 1, own_kv=True, name="block")
+    return block(x_BxTxD, positions_BxT, train=train)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiTokenHeads(Component):
+  """n = `heads` heads; `compute_matched` removes n - 1 trunk layers; heads 2..n weigh
+  loss_lambda / (n - 1) in the loss (0: every head weighs 1)."""
+  heads: int = 1
+  compute_matched: bool = False
+  loss_lambda: float = 0.0
+  can_draft: ClassVar[bool] = True   # heads 2..n draft for self-speculative decoding
+
+  def layers_removed(self, model: Any) -> int:
+    return self.heads - 1 if self.compute_matched else 0
+
+  def validate(self, model: Any) -> None:
+    if self.heads < 1 or self.loss_lambda < 0:
+      raise ConfigError(f"model.mtp.heads={self.heads} must be >= 1 and model.mtp.loss_lambda="
+                        f"{self.loss_lambda} >= 0")
+
+  def build(self, model: Any, block: Callable[..., nn.Module]) -> list[nn.Module]:
+    """Modules mtp_1 .. mtp_{heads-1}; `block` is the Transformer's block class."""
+    raise NotImplementedError
+
+  def states(self, heads: list[nn.Module], trunk: Trunk, tokens_BxT: jnp.ndarray,
+             embed: Callable, cache: dict | None, new_cache: dict | None, n: int,
+             train: bool) -> list[jnp.ndarray]:
+    """Pre-norm states of heads 2..n; writes their updated caches into `new_cache`."""
+    raise NotImplementedError
+
+
+@register("mtp", "transformer")
+@dataclasses.dataclass(frozen=True)
+class TransformerHeads(MultiTokenHeads):
+  def build(self, model, block):
+    return [block(model, model.depth - 1, own_kv=True, name=f"mtp_{i}")
+            for i in range(1, self.heads)]
+
+  def states(self, heads, trunk, tokens_BxT, embed, cache, new_cache, n, train):
+    out = []
+    for i, head in enumerate(heads[:n - 1], start=1):
+      head_cache = None if cache is None else cache[f"mtp_{i}"]
+      h_BxTxD, _, head_cache = head(trunk.z_BxTxD, trunk.positions_BxT, None, head_cache,
+                                    train=train)
+      if cache is not None:
+        new_cache[f"mtp_{i}"] = head_cache
+      out.append(h_BxTxD)
+    return out
+
+  def cache_entries(self, model, batch, max_len, mtp_heads):
+    return {f"mtp_{i}": model.attention.kv_cache(model, batch, max_len)
+            for i in range(1, min(self.heads, mtp_heads))}
+
+
+@register("mtp", "linear")
+@dataclasses.dataclass(frozen=True)
+class LinearHeads(MultiTokenHeads):
+  def build(self, model, block):
+    return [ResidualLinearHead(dtype=model.dtype, param_dtype=model.param_dtype,
+                               name=f"mtp_{i}") for i in range(1, self.heads)]
+
+  def states(self, heads, trunk, tokens_BxT, embed, cache, new_cache, n, train):
+    return [head(trunk.x_BxTxD) for head in heads[:n - 1]]
+
+
+@register("mtp", "sequential")
+@dataclasses.dataclass(frozen=True)
+class SequentialHeads(MultiTokenHeads):
+  can_draft: ClassVar[bool] = False
+
+  def build(self, model, block):
+    return [SequentialModule(model, block, name=f"mtp_{i}") for i in range(1, self.heads)]
+
+  def states(self, heads, trunk, tokens_BxT, embed, cache, new_cache, n, train):
+    if cache is not None:
+      raise ValueError("sequential multi-token modules do not decode with a KV cache")
+    out, h_BxTxD = [], trunk.x_BxTxD
+    for i, head in enumerate(heads[:n - 1], start=1):
+      # Token t + i feeds module i at position t; past the end: token 0 (its target is masked).
+      shifted_BxT = jnp.pad(tokens_BxT[:, i:], ((0, 0), (0, i)))
+      h_BxTxD = head(h_BxTxD, embed(shifted_BxT, train=train), trunk.positions_BxT, train=train)
+      out.append(h_BxTxD)
+    return out

@@ -69,7 +69,7 @@ def _l1_and_entropy(l1s: list[jnp.ndarray], form: str = "paper"
 
 @dataclasses.dataclass(frozen=True)
 class Regularizer:
-  """reg(params, grid, x) for `models.kan.fit`: lamb (lamb_l1 L1 + lamb_entropy entropy).
+  """reg(params, grid, x) for `train.kan_fit.fit`: lamb (lamb_l1 L1 + lamb_entropy entropy).
 
   entropy='paper': sum over output nodes of the entropy of their incoming edges' shares;
   'pykan' (pykan >= 0.2): mean row entropy plus mean column entropy of each layer's (O, I) edge

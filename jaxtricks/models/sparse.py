@@ -102,7 +102,7 @@ def spec_of_path(config) -> Any:
     top = path[0]
     layer = int(top.split("_")[1]) if top.startswith("block_") else config.depth - 1
     target = next(p for p in path if p in ("attn", "mlp"))
-    return config.sparsity_spec(layer, target)
+    return config.projection.spec(config, layer, target)
   return spec_of
 
 

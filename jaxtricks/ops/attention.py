@@ -108,8 +108,9 @@ def kv_sources(n_layers: int, sharing: int = 1, layout: tuple[int, ...] = ()) ->
 def kv_bytes_per_token(config, bytes_per_element: int | None = None) -> int:
   """KV-cache bytes per token: 2 (K and V) * kv heads * head dim * producing layers * bytes.
 
-  `config` is a ModelConfig (duck-typed: kv_heads, dim_per_head, kv_producers, dtype).
+  `config` is a ModelConfig (duck-typed: attention.kv_heads, dim_per_head, kv_producers, dtype).
   """
   if bytes_per_element is None:
     bytes_per_element = jnp.dtype(config.dtype).itemsize
-  return 2 * config.kv_heads * config.dim_per_head * len(config.kv_producers) * bytes_per_element
+  heads = config.attention.kv_heads
+  return 2 * heads * config.dim_per_head * len(config.kv_producers) * bytes_per_element

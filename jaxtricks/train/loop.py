@@ -32,9 +32,8 @@ from jaxtricks.data.sources import make_source
 from jaxtricks.errors import ConfigError, UserError
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.train import step as step_lib
-from jaxtricks.train.losses import LOSSES
-from jaxtricks.train.optimizer import lr_schedule, make_optimizer
-from jaxtricks.train.state import TrainState, count_params, init_state, state_shardings
+from jaxtricks.train.build import build
+from jaxtricks.train.state import TrainState, count_params
 
 
 class NonFiniteLoss(UserError):
@@ -123,16 +122,35 @@ def _to_global(batch: dict[str, np.ndarray], data_sharding, global_rows: int) ->
           for k, v in batch.items()}
 
 
+def _flat_json(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_json(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def check_resumable(workdir: str, config: Config) -> None:
-  """Refuses to resume a checkpoint written for a different model config."""
+  """Refuses to resume a checkpoint written for a different model config, or in the flat model
+  config format of jaxtricks before components (model.n_heads, model.mtp_heads, ...)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
     saved = json.load(f).get("model", {})
-  as_json = lambda obj: json.loads(json.dumps(to_dict(obj)))  # tuples -> lists, as saved
-  current, defaults = as_json(config.model), as_json(type(config.model)())
-  # A field added to the config since the checkpoint was written is fine at its default.
+  if not isinstance(saved.get("attention"), dict):
+    raise ConfigError(f"{workdir} was written by an older jaxtricks (a flat model config, before "
+                      "components); this version cannot resume it: use another --workdir or "
+                      "delete it")
+  as_json = lambda obj: _flat_json(json.loads(json.dumps(to_dict(obj))))  # tuples -> lists
+  model = config.model
+  # A field added since the checkpoint was written is fine at its default (of the same kind).
+  defaults = dataclasses.replace(type(model)(), **{
+      f.name: type(getattr(model, f.name))() for f in dataclasses.fields(model)
+      if dataclasses.is_dataclass(getattr(model, f.name))})
+  current, defaults, saved = as_json(model), as_json(defaults), _flat_json(saved)
   saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
   diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if diff:
@@ -156,28 +174,18 @@ def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
 
 def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> RunResult:
   t_start = time.time()
-  config.validate()
-  tc = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  dp = sharding.data_parallel_size(mesh)
-  if tc.batch_size % dp:
-    raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the data-parallel "
-                      f"size {dp} (mesh.data * mesh.fsdp)")
+  built = build(config)
+  tc, mesh, model, shardings = config.train, built.mesh, built.model, built.shardings
   source = make_source(config.data, tc.seq_len)
   check_workdir(workdir)
-  model = Transformer(config.model)
-  tx = make_optimizer(tc, model)
-  schedule = lr_schedule(tc)
-  loss_fn = LOSSES[tc.loss]
-  abstract, shardings = state_shardings(model, tx, tc.seq_len, mesh)
-  check_free_space(workdir, abstract)
+  check_free_space(workdir, built.abstract_state)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
                       tc.async_checkpoints)
   try:
     if ckpt.all_steps():
       check_resumable(workdir, config)
-    restored = ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+    restored = ckpt.restore_latest(abstract_with_shardings(built.abstract_state, shardings))
     resumed = restored is not None
     start = 0
     if resumed:
@@ -187,7 +195,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
                         tc.seed)
       logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:
-      state = init_state(model, tx, tc.seq_len, tc.seed, shardings)
+      state = built.init_state()
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
     writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
                              resume_step=start if resumed else None)
@@ -197,9 +205,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
 
     data_sharding = sharding.batch_sharding(mesh)
     pid, pcount = jax.process_index(), jax.process_count()
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(model, tx, loss_fn, schedule, tc.skip_nonfinite), shardings, mesh)
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(model, loss_fn), shardings, mesh)
+    train_step, eval_step = built.train_step, built.eval_step
     val = [_to_global(b, data_sharding, tc.batch_size)
            for b in source.eval_batches(tc.seq_len, tc.batch_size, tc.eval_batches, pid, pcount)]
   except BaseException:

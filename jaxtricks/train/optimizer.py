@@ -1,20 +1,22 @@
 """AdamW (Loshchilov & Hutter, arXiv 1711.05101) with linear warm-up, cosine decay and global-norm
 gradient clipping. Weight decay applies to matrices only, not to norm scales.
 
-Given the model, its sparse kernels get optimizer state for their kept entries only and its lazy
-low-rank adapters train from `model.adapter_start` of the run on (SLoPe, arXiv 2405.16325; see
-jaxtricks.train.sparse_optimizer).
+Given the model, each of its components may change the optimizer through the hook it registered
+(jaxtricks.train.hooks): e.g. SLoPe keeps state for the kept entries of its sparse kernels only
+and trains its adapters late (jaxtricks.train.sparse_optimizer).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
 import optax
 
-from jaxtricks.models.sparse import nm_leaves
-from jaxtricks.train import sparse_optimizer
+import jaxtricks.components  # noqa: F401 (registers every component's hooks)
 from jaxtricks.train.config import TrainConfig
+from jaxtricks.train.hooks import OPTIMIZER_HOOKS, OptimizerParts
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -30,30 +32,19 @@ def _adamw(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransfor
                      weight_decay=cfg.weight_decay, mask=decay_mask)
 
 
-def adapter_start_step(cfg: TrainConfig, model_config) -> int:
-  return int(round(model_config.adapter_start * cfg.steps))
-
-
 def make_optimizer(cfg: TrainConfig, model: nn.Module | None = None
                    ) -> optax.GradientTransformation:
   schedule = lr_schedule(cfg)
-  core = _adamw(cfg, schedule)
-  first = []
-  mc = getattr(model, "config", None)
-  if mc is not None and getattr(mc, "sparsity", "none") != "none" and mc.adapter_rank:
-    start = adapter_start_step(cfg, mc)
-    late = sparse_optimizer.after_step(_adamw(cfg, lambda count: schedule(count + start)), start)
-    labels = lambda params: jax.tree.map(  # noqa: E731
-        lambda a: "adapter" if a else "main", sparse_optimizer.is_adapter(params))
-    core = optax.chain(optax.multi_transform({"main": core, "adapter": late}, labels),
-                       sparse_optimizer.draw_adapters(start, cfg.seed))
-    first.append(sparse_optimizer.zero_until(start, sparse_optimizer.is_adapter))
+  adamw = functools.partial(_adamw, cfg)
+  parts = OptimizerParts(cfg, model, schedule, adamw, adamw(schedule))
+  for component in (model.config.components() if model is not None else ()):
+    hook = OPTIMIZER_HOOKS.get(type(component))
+    if hook is not None:
+      hook(parts, component)
+  first = list(parts.first)
   if cfg.grad_clip:
     first.append(optax.clip_by_global_norm(cfg.grad_clip))
-  tx = optax.chain(*first, core) if first else core
-  if mc is not None and getattr(mc, "sparsity", "none") == "slope":
-    leaves = nm_leaves(model)
-    tx = sparse_optimizer.keep_nm_sparse(tx, leaves)
-    if mc.mask_change_freq > 1 and mc.sparse_backward == "double":
-      tx = sparse_optimizer.refresh_col_masks(tx, mc.mask_change_freq, leaves)
+  tx = optax.chain(*first, parts.core) if first else parts.core
+  for wrap in parts.wrappers:
+    tx = wrap(tx)
   return tx

@@ -25,8 +25,11 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from jaxtricks.layers.nm_projection import SlopeProjection
 from jaxtricks.layers.sparse_linear import ADAPTER_NAMES, NMLeaf, col_positions
+from jaxtricks.models.sparse import nm_leaves
 from jaxtricks.ops import sparsity
+from jaxtricks.train.hooks import OptimizerParts, optimizer_hook
 
 Path = tuple[str, ...]  # a parameter's keys, as flax.traverse_util.flatten_dict gives them
 
@@ -176,3 +179,28 @@ def refresh_col_masks(inner: optax.GradientTransformation, every: int,
 
   return optax.GradientTransformation(
       lambda params: RefreshState(jnp.zeros((), jnp.int32), inner.init(params)), update)
+
+
+def adapter_start_step(steps: int, projection: SlopeProjection) -> int:
+  return int(round(projection.adapter_start * steps))
+
+
+@optimizer_hook(SlopeProjection)
+def slope_optimizer(parts: OptimizerParts, projection: SlopeProjection) -> None:
+  """Adapters train from `adapter_start` of the run on (their own AdamW, its schedule shifted to
+  start there) and are drawn at that step; every sparse kernel keeps state for its kept entries
+  only; a held transposed mask is refreshed every `mask_change_freq` steps."""
+  cfg = parts.train
+  if projection.adapter_rank:
+    start = adapter_start_step(cfg.steps, projection)
+    late = after_step(parts.adamw(lambda count: parts.schedule(count + start)), start)
+    labels = lambda params: jax.tree.map(  # noqa: E731
+        lambda a: "adapter" if a else "main", is_adapter(params))
+    parts.core = optax.chain(optax.multi_transform({"main": parts.core, "adapter": late}, labels),
+                             draw_adapters(start, cfg.seed))
+    parts.first.append(zero_until(start, is_adapter))
+  leaves = nm_leaves(parts.model)
+  parts.wrappers.append(lambda tx: keep_nm_sparse(tx, leaves))
+  if projection.mask_change_freq > 1 and projection.backward == "double":
+    parts.wrappers.append(
+        lambda tx: refresh_col_masks(tx, projection.mask_change_freq, leaves))

@@ -14,14 +14,20 @@ from jaxtricks import sharding
 from jaxtricks.train.state import TrainState
 
 
+def model_rngs(model, rng: jax.Array) -> dict[str, jax.Array]:
+  """One key per PRNG stream the model's components draw from in training (Flax `rngs`)."""
+  return {name: jax.random.fold_in(rng, i) for i, name in enumerate(model.config.rng_streams)}
+
+
 def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
                     schedule: optax.Schedule, skip_nonfinite: bool = False) -> Callable:
-  """With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old
+  """The loss runs with `train=True` and a key per PRNG stream, from the state's key and the step.
+  With `skip_nonfinite`, a step whose loss or gradient norm is not finite keeps the old
   parameters and optimizer state (decided on device: no host sync); only the step advances, and
   metrics['skipped'] is 1."""
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, rng), has_aux=True)
+    rngs = model_rngs(model, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, True, rngs), has_aux=True)
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -38,8 +44,9 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
 
 
 def make_eval_step(model, loss_fn: Callable) -> Callable:
+  """Evaluation: `train=False`, no PRNG streams (deterministic)."""
   def step(params: Any, batch: dict) -> dict:
-    _, metrics = loss_fn(model, params, batch, jax.random.key(0))
+    _, metrics = loss_fn(model, params, batch, False, None)
     return metrics
   return step
 

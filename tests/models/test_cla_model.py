@@ -7,7 +7,6 @@ Parameters are drawn with numpy from the shapes of `model.init` (jax.eval_shape)
 other programs of this file together, and none of these tests depends on the initialiser.
 """
 
-import dataclasses
 import functools
 import json
 import math
@@ -19,33 +18,16 @@ import numpy as np
 import pytest
 
 from experiments import cla
+from jaxtricks.config import override, to_dict
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.layers.embed import Embed
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops.attention import kv_sources
 from tests import support
 
-BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=4)
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=6, attention=AttentionConfig(n_heads=4))
 HEADS = {"MHA": 4, "GQA": 2, "MQA": 1}
 SHARING = (1, 2, 3)
-
-
-def random_params(model: Transformer, tokens, seed: int = 0) -> dict:
-  """Parameters of `model` with numpy normal values (norm scales around 1)."""
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      x = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
-    elif name == "embedding":
-      x = rng.standard_normal(leaf.shape)
-    else:  # a Linear kernel; the output projection `o` contracts two axes (heads, head_dim)
-      fan_in = leaf.shape[0] * (leaf.shape[1] if path[-2].key == "o" else 1)
-      x = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-    return jnp.asarray(x, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def count(tree) -> int:
@@ -60,12 +42,13 @@ def param_shapes(cfg: ModelConfig) -> dict:
 
 
 def expected_params(m: dict) -> int:
-  """Parameter count by hand from a model config (a dict of ModelConfig fields)."""
-  v, d, n_layers, n = m["vocab_size"], m["d_model"], m["n_layers"], m["n_heads"]
-  k = m["n_kv_heads"] or n
-  h = m["head_dim"] or d // n
-  f = m["d_ff"] or -(-8 * d // 3 // 32) * 32
-  sharing, layout = m["kv_sharing"], tuple(m["kv_layout"])
+  """Parameter count by hand from a model config (as its config.json holds it)."""
+  a = m["attention"]
+  v, d, n_layers, n = m["vocab_size"], m["d_model"], m["n_layers"], a["n_heads"]
+  k = a["n_kv_heads"] or n
+  h = a["head_dim"] or d // n
+  f = m["mlp"]["d_ff"] or -(-8 * d // 3 // 32) * 32
+  sharing, layout = a["kv_sharing"], tuple(a["kv_layout"])
   if layout:
     producers = len(set(layout))
   else:
@@ -76,8 +59,9 @@ def expected_params(m: dict) -> int:
   return 2 * v * d + d + n_layers * per_layer + producers * per_producer  # embed, head, norm
 
 
-def variant(heads: str, sharing: int, **kw) -> ModelConfig:
-  return dataclasses.replace(BASE, n_kv_heads=HEADS[heads], kv_sharing=sharing, **kw)
+def variant(heads: str, sharing: int, **attention) -> ModelConfig:
+  return override(BASE, {"attention.n_kv_heads": HEADS[heads], "attention.kv_sharing": sharing,
+                         **{f"attention.{k}": v for k, v in attention.items()}})
 
 
 @pytest.mark.parametrize("sharing", SHARING)
@@ -85,7 +69,7 @@ def variant(heads: str, sharing: int, **kw) -> ModelConfig:
 def test_parameter_count_by_hand(heads, sharing):
   cfg = variant(heads, sharing)
   cfg.validate()
-  assert count(param_shapes(cfg)) == expected_params(dataclasses.asdict(cfg))
+  assert count(param_shapes(cfg)) == expected_params(to_dict(cfg))
 
 
 @pytest.mark.parametrize("sharing", [2, 3])
@@ -93,7 +77,7 @@ def test_parameter_count_by_hand(heads, sharing):
 def test_cla_removes_exactly_the_kv_projections_of_sharing_layers(heads, sharing):
   """CLA-s params = CLA-1 params - (K and V kernels of non-producing layers) + (kv_norm scales
   of producing layers)."""
-  d, k, h = BASE.d_model, HEADS[heads], BASE.d_model // BASE.n_heads
+  d, k, h = BASE.d_model, HEADS[heads], BASE.dim_per_head
   producers = math.ceil(BASE.n_layers / sharing)  # 6 layers: CLA2 3, CLA3 2 producing layers
   removed = (BASE.n_layers - producers) * 2 * d * k * h
   added = producers * d
@@ -102,9 +86,9 @@ def test_cla_removes_exactly_the_kv_projections_of_sharing_layers(heads, sharing
 
 
 def test_parameter_count_with_head_dim_and_layout():
-  cfg = variant("GQA", 1, head_dim=16, d_ff=64, kv_layout=(0, 1, 1, 1, 1, 5))
+  cfg = override(variant("GQA", 1, head_dim=16, kv_layout=(0, 1, 1, 1, 1, 5)), {"mlp.d_ff": 64})
   cfg.validate()
-  assert count(param_shapes(cfg)) == expected_params(dataclasses.asdict(cfg))
+  assert count(param_shapes(cfg)) == expected_params(to_dict(cfg))
 
 
 @pytest.mark.parametrize("sharing", SHARING)
@@ -122,8 +106,8 @@ def test_only_producing_layers_have_kv_projections_and_kv_norm(sharing):
 
 # Causality through gradients, on a 4-layer GQA-CLA2 model (layers 1 and 3 reuse K/V of 0 and 2).
 B, T = 2, 8
-CAUSAL_CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2,
-                         kv_sharing=2)
+CAUSAL_CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=4,
+                         attention=AttentionConfig(n_heads=4, n_kv_heads=2, kv_sharing=2))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +115,7 @@ def causal_model():
   assert CAUSAL_CFG.kv_source == (0, 0, 2, 2)
   model = Transformer(CAUSAL_CFG)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (B, T)), jnp.int32)
-  return model, random_params(model, tokens, seed=1), tokens
+  return model, support.random_params(model, tokens, seed=1), tokens
 
 
 def logits_with_embedding_offset(model, params, tokens, delta_BxTxD):
@@ -168,7 +152,7 @@ def test_causality_through_gradients(causal_model):
 @pytest.mark.parametrize("impl", ["naive", "xla"])
 def test_future_tokens_do_not_change_past_logits(causal_model, impl):
   model, params, tokens = causal_model
-  model = Transformer(dataclasses.replace(CAUSAL_CFG, attn_impl=impl))
+  model = Transformer(override(CAUSAL_CFG, {"attention.impl": impl}))
   apply = jax.jit(lambda t: model.apply({"params": params}, t))
   base = np.asarray(apply(tokens))
   for t in (0, 3, T - 2):
@@ -211,10 +195,11 @@ def test_cla_experiment_smoke_end_to_end(tmp_path):
     assert keys <= set(row), (name, sorted(row))
     m = json.loads((workdir / "variants" / name / "config.json").read_text())["model"]
     models[name] = m
-    h = m["head_dim"] or m["d_model"] // m["n_heads"]
+    a = m["attention"]
+    h = a["head_dim"] or m["d_model"] // a["n_heads"]
     producers = len(set(row["kv_source"]))
     assert row["params"] == expected_params(m), name
-    assert row["kv_bytes_per_token"] == 2 * (m["n_kv_heads"] or m["n_heads"]) * h * producers * 4
+    assert row["kv_bytes_per_token"] == 2 * (a["n_kv_heads"] or a["n_heads"]) * h * producers * 4
     per_sequence = row["kv_bytes_per_token"] * summary["context_len"]
     assert row.get("cache_bytes_per_sequence", per_sequence) == per_sequence
     assert row["max_batch_at_context"] == summary["budget_bytes"] // per_sequence

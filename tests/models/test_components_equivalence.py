@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from jaxtricks.decode import init_cache
-from jaxtricks.models.transformer import ModelConfig, Transformer
+from jaxtricks.models.transformer import Transformer
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.optimizer import make_optimizer
 from tests import support
@@ -22,12 +22,6 @@ from tests.fixtures import make_components_fixture as fixture
 
 CASES = json.loads((support.REPO / "tests" / "fixtures" / "cases.json").read_text())
 ARRAYS = np.load(support.REPO / "tests" / "fixtures" / "components.npz")
-
-
-def model_config(fields: dict) -> ModelConfig:
-  """The case's config (written in the flat format of the fixture's time) in today's format."""
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  return ModelConfig(**{**CASES["base"], **fields})
 
 
 def stored(prefix: str) -> dict:
@@ -38,7 +32,7 @@ def stored(prefix: str) -> dict:
 @pytest.mark.parametrize("name", sorted(CASES["cases"]))
 def test_component_matches_the_stored_reference(name):
   case = CASES["cases"][name]
-  cfg = model_config(case["fields"])
+  cfg = fixture.model_config(case["fields"])
   cfg.validate()
   model = Transformer(cfg)
   b, t = CASES["batch"]
@@ -59,6 +53,6 @@ def test_component_matches_the_stored_reference(name):
     for path, sk in got.items():
       np.testing.assert_allclose(sk, expected[path], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{what} {'/'.join(path)}")
-  cache = init_cache(cfg, b, 16, cfg.mtp_heads)
+  cache = init_cache(cfg, b, 16, cfg.mtp.heads)
   assert {k: list(np.shape(v)) for k, v in traverse_util.flatten_dict(cache, sep="/").items()
           } == case["cache"]

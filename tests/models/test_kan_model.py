@@ -10,18 +10,20 @@ import numpy as np
 import pytest
 
 from experiments import lm
+from jaxtricks.config import override
 from jaxtricks.layers.kan import KANLayer, n_basis
-from jaxtricks.models.kan import KAN, fit, init_variables, mse, refine
+from jaxtricks.models.kan import KAN, init_variables, mse, refine
 from jaxtricks.models.kan_prune import (
-    Regularizer,
-    _l1_and_entropy,
-    attribution,
-    edge_l1,
-    prune,
-    prune_edges,
+  Regularizer,
+  _l1_and_entropy,
+  attribution,
+  edge_l1,
+  prune,
+  prune_edges,
 )
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.ops import kan
+from jaxtricks.train.kan_fit import fit
 from jaxtricks.train.losses import LOSSES
 
 RNG = np.random.default_rng(0)
@@ -136,15 +138,15 @@ def test_kan_feed_forward_in_the_transformer_trains():
   """The `--exp=lm --preset=kan` model, shrunk: KAN blocks build, and SGD lowers the loss."""
   preset = lm.get_config("kan")
   preset.validate()
-  assert preset.model.mlp == "kan" and preset.model.d_ff == 64
-  cfg = dataclasses.replace(preset.model, vocab_size=32, d_model=32, d_ff=16, n_layers=2,
-                            kan_grid=4)
+  assert preset.model.mlp.kind == "kan" and preset.model.mlp.d_ff == 64
+  cfg = override(preset.model, {"vocab_size": 32, "d_model": 32, "n_layers": 2,
+                                "mlp.d_ff": 16, "mlp.grid": 4})
   model = Transformer(cfg)
   tokens = jnp.asarray(RNG.integers(0, 32, (4, 17)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
   assert params["block_0"]["mlp"]["up"]["coef"].shape == (32, 16, 4 + 3)
-  loss = jax.jit(jax.value_and_grad(lambda p: LOSSES["lm"](model, p, batch, None)[0]))
+  loss = jax.jit(jax.value_and_grad(lambda p: LOSSES["lm"](model, p, batch)[0]))
   first, _ = loss(params)
   for _ in range(5):
     value, grads = loss(params)

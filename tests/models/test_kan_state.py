@@ -9,9 +9,10 @@ import optax
 import pytest
 
 from jaxtricks.errors import ConfigError
-from jaxtricks.models.kan import KAN, fit, init_variables, refine
-from jaxtricks.models.kan_state import carry_opt_state, dual_matrices
+from jaxtricks.models.kan import KAN, init_variables, refine
 from jaxtricks.ops import kan
+from jaxtricks.train.kan_fit import fit
+from jaxtricks.train.kan_state import carry_opt_state, dual_matrices, refine_with_opt_state
 
 RNG = np.random.default_rng(0)
 X = jnp.asarray(RNG.uniform(-1, 1, (128, 2)), jnp.float32)
@@ -62,7 +63,7 @@ def _pairing(a: dict, b: dict) -> jnp.ndarray:
 
 def test_mapped_state_matches_the_new_model(trained):
   optimizer, variables, state, _ = trained
-  new_model, new_vars, new_state = refine(MODEL, variables, X, grid_size=10, opt_state=state)
+  new_model, new_vars, new_state = refine_with_opt_state(MODEL, variables, X, state, grid_size=10)
   fresh = optax.lbfgs(memory_size=10) if optimizer == "lbfgs" else optax.adam(1e-2)
   assert (jax.tree.map(jnp.shape, new_state)
           == jax.tree.map(jnp.shape, fresh.init(new_vars["params"])))
@@ -88,7 +89,7 @@ def test_other_optimizer_states_are_refused(trained):
   _, variables, _, _ = trained
   state = optax.sgd(1e-2, momentum=0.9).init(variables["params"])
   with pytest.raises(ConfigError, match="cannot carry optimizer state TraceState"):
-    refine(MODEL, variables, X, grid_size=5, opt_state=state)
+    refine_with_opt_state(MODEL, variables, X, state, grid_size=5)
 
 
 def test_fit_carries_the_state_across_its_grid_updates():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxtricks.models import kan_symbolic as sym
-from jaxtricks.models.kan import KAN, fit, init_variables
+from jaxtricks.models.kan import KAN, init_variables
+from jaxtricks.train.kan_fit import fit
 
 sp = pytest.importorskip("sympy")  # the optional `symbolic` extra; CI installs it with `test`
 

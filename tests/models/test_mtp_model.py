@@ -1,18 +1,21 @@
 """Multi-token heads on the Transformer: parameters, stripping, causality, compute matching, and
 the efficient loss against the naive one through the registered losses."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxtricks.config import override
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.mtp import TransformerHeads
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.train.losses import LOSSES
 
-BASE = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, mtp_heads=3)
+BASE = ModelConfig(vocab_size=32, d_model=32, n_layers=2, attention=AttentionConfig(n_heads=4),
+                   mtp=TransformerHeads(heads=3))
 KINDS = ("transformer", "linear", "sequential")
 T = 10
 
@@ -25,7 +28,7 @@ def _init(cfg, seed=0):
 
 @pytest.fixture(scope="module", params=KINDS)
 def built(request):
-  return _init(dataclasses.replace(BASE, mtp_head=request.param))
+  return _init(override(BASE, {"mtp": request.param}))
 
 
 def test_heads_have_their_own_parameters_and_states(built):
@@ -42,7 +45,7 @@ def test_heads_have_their_own_parameters_and_states(built):
 
 def test_stripping_heads_leaves_the_plain_language_model(built):
   model, params, tokens = built
-  plain_cfg = dataclasses.replace(model.config, mtp_heads=1)
+  plain_cfg = override(model.config, {"mtp.heads": 1})
   plain = {k: v for k, v in params.items() if not k.startswith("mtp_")}
   plain_model = Transformer(plain_cfg)
   expected = plain_model.init(jax.random.key(0), tokens)["params"]
@@ -57,7 +60,7 @@ def test_heads_are_causal(built):
   model, params, tokens = built
   h = model.apply({"params": params}, tokens, method="heads_hidden")
   t = 3
-  sequential = model.config.mtp_head == "sequential"
+  sequential = model.config.mtp.kind == "sequential"
   for i in range(3):
     last_read = t + i if sequential else t
     changed = tokens.at[:, last_read + 1:].set((tokens[:, last_read + 1:] + 1) % 32)
@@ -70,11 +73,11 @@ def test_heads_are_causal(built):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_efficient_loss_gradients_equal_naive_through_the_model(kind):
-  model, params, tokens = _init(dataclasses.replace(BASE, mtp_head=kind, mtp_lambda=0.3), seed=1)
+  model, params, tokens = _init(override(BASE, {"mtp": kind, "mtp.loss_lambda": 0.3}), seed=1)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   out = {}
   for name in ("mtp", "mtp_naive"):
-    f = lambda p, name=name: LOSSES[name](model, p, batch, None)
+    f = lambda p, name=name: LOSSES[name](model, p, batch)
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     out[name] = loss, grads
     assert set(metrics) >= {"loss", "accuracy", "loss_head1", "loss_head3", "accuracy_head3"}
@@ -88,20 +91,20 @@ def test_efficient_loss_gradients_equal_naive_through_the_model(kind):
 
 
 def test_one_head_mtp_loss_is_the_lm_loss():
-  cfg = dataclasses.replace(BASE, mtp_heads=1)
+  cfg = override(BASE, {"mtp.heads": 1})
   model, params, tokens = _init(cfg)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  np.testing.assert_allclose(LOSSES["mtp"](model, params, batch, None)[0],
-                             LOSSES["lm"](model, params, batch, None)[0], rtol=1e-6)
+  np.testing.assert_allclose(LOSSES["mtp"](model, params, batch)[0],
+                             LOSSES["lm"](model, params, batch)[0], rtol=1e-6)
 
 
 def test_compute_matched_removes_trunk_layers():
-  cfg = dataclasses.replace(BASE, n_layers=6, mtp_heads=4, mtp_compute_matched=True)
+  cfg = override(BASE, {"n_layers": 6, "mtp.heads": 4, "mtp.compute_matched": True})
   assert cfg.depth == 3
   model, params, _ = _init(cfg)
   blocks = [k for k in params if k.startswith("block_")]
   assert len(blocks) == 3 and len([k for k in params if k.startswith("mtp_")]) == 3
-  with pytest.raises(ConfigError, match="removes 3 of model.n_layers=3 layers"):
-    dataclasses.replace(cfg, n_layers=3).validate()
-  with pytest.raises(ConfigError, match="model.mtp_head='medusa' one of transformer"):
-    dataclasses.replace(cfg, mtp_head="medusa").validate()
+  with pytest.raises(ConfigError, match="remove 3 of model.n_layers=3 layers"):
+    override(cfg, {"n_layers": 3}).validate()
+  with pytest.raises(ConfigError, match="mtp='medusa' is unknown; valid: transformer"):
+    override(cfg, {"mtp": "medusa"})

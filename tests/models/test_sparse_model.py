@@ -2,7 +2,6 @@
 adapters (no change at the switch, exact parameter count, merged for inference), compressed
 parameters, SR-STE, and config errors."""
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -13,7 +12,10 @@ import pytest
 from flax import traverse_util
 
 from jaxtricks import sharding
+from jaxtricks.config import override
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.nm_projection import SlopeProjection
 from jaxtricks.layers.sparse_linear import NMSpec, SparseLinear, col_positions
 from jaxtricks.models import sparse
 from jaxtricks.models.transformer import ModelConfig, Transformer
@@ -21,11 +23,16 @@ from jaxtricks.ops import sparsity as ops_sparsity
 from jaxtricks.train import step as step_lib
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.losses import LOSSES
-from jaxtricks.train.optimizer import adapter_start_step, lr_schedule, make_optimizer
-from jaxtricks.train.sparse_optimizer import recorded_positions
+from jaxtricks.train.optimizer import lr_schedule, make_optimizer
+from jaxtricks.train.sparse_optimizer import adapter_start_step, recorded_positions
 from jaxtricks.train.state import init_state, state_shardings
 
-BASE = ModelConfig(d_model=32, n_layers=2, n_heads=2, sparsity="slope")
+BASE = ModelConfig(d_model=32, n_layers=2, attention=AttentionConfig(n_heads=2),
+                   projection=SlopeProjection())
+
+
+def with_projection(cfg: ModelConfig, **fields) -> ModelConfig:
+  return override(cfg, {f"projection.{k}": v for k, v in fields.items()})
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
 
 
@@ -57,7 +64,7 @@ def test_slope_kernels_are_pruned_and_found():
 
 def test_adapters_change_nothing_at_the_switch_and_add_exact_parameters():
   r = 4
-  with_adapters = dataclasses.replace(BASE, adapter_rank=r)
+  with_adapters = with_projection(BASE, adapter_rank=r)
   p0, p1 = init_params(BASE), init_params(with_adapters)
   f0, f1 = flat(p0), flat(p1)
   added = {k: v for k, v in f1.items() if k not in f0}
@@ -82,7 +89,7 @@ def test_adapters_change_nothing_at_the_switch_and_add_exact_parameters():
 
 @pytest.mark.parametrize("rescale", [False, True])
 def test_merged_adapters_give_a_dense_model_with_the_same_outputs(rescale):
-  cfg = dataclasses.replace(BASE, adapter_rank=2, sparse_rescale=rescale)
+  cfg = with_projection(BASE, adapter_rank=2, rescale=rescale)
   f = flat(init_params(cfg))
   rng = np.random.default_rng(1)
   for k in f:
@@ -91,7 +98,7 @@ def test_merged_adapters_give_a_dense_model_with_the_same_outputs(rescale):
   params = traverse_util.unflatten_dict(f)
   leaves = sparse.nm_leaves(Transformer(cfg))
   merged = sparse.merged_params(params, leaves, sparse.spec_of_path(cfg))
-  dense = dataclasses.replace(cfg, sparsity="none", adapter_rank=0, sparse_rescale=False)
+  dense = override(cfg, {"projection": "dense"})
   np.testing.assert_allclose(logits(dense, merged), logits(cfg, params), rtol=2e-5, atol=2e-5)
 
 
@@ -122,9 +129,9 @@ def _train(config, steps, seed=0):
 
 
 def test_slope_training_keeps_static_masks_and_starts_adapters_late():
-  cfg = dataclasses.replace(BASE, adapter_rank=2, adapter_start=0.5)
+  cfg = with_projection(BASE, adapter_rank=2, adapter_start=0.5)
   states, model, tc = _train(cfg, 4)
-  start = adapter_start_step(tc, cfg)
+  start = adapter_start_step(tc.steps, cfg.projection)
   assert start == 2
   leaves = sparse.nm_leaves(model)
   first, last = flat(states[0].params), flat(states[-1].params)
@@ -154,7 +161,7 @@ def test_slope_training_keeps_static_masks_and_starts_adapters_late():
 
 
 def test_srste_keeps_dense_weights_and_uses_half():
-  cfg = dataclasses.replace(BASE, sparsity="srste")
+  cfg = override(BASE, {"projection": "srste"})
   states, model, _ = _train(cfg, 2)
   leaves = sparse.nm_leaves(model)
   params = states[-1].params
@@ -167,7 +174,7 @@ def test_srste_keeps_dense_weights_and_uses_half():
 
 
 def test_mixed_nm_per_block():
-  cfg = dataclasses.replace(BASE, sparse_blocks=("dense", "1:4"))
+  cfg = with_projection(BASE, blocks=("dense", "1:4"))
   leaves = sparse.nm_leaves(Transformer(cfg))
   assert {p[0] for p in leaves} == {"block_1"}
   assert {(leaf.n, leaf.m) for leaf in leaves.values()} == {(1, 4)}
@@ -177,23 +184,22 @@ def test_mixed_nm_per_block():
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(sparse_n=5, sparse_m=4), "0 < N <= M"),
-    (dict(sparse_m=3, sparse_n=1), "not divisible by the N:M group size"),
-    (dict(sparsity="dense"), "model.sparsity"),
-    (dict(sparse_blocks=("2:4",)), "entries for 2 blocks"),
-    (dict(sparse_blocks=("2:4", "two")), "is not 'N:M' or 'dense'"),
-    (dict(sparse_targets=("attn", "embed")), "sparse_targets"),
-    (dict(mlp="kan"), "no linear projections"),
-    (dict(adapter_start=1.5), "adapter_start"),
-    (dict(mask_change_freq=0), "mask_change_freq"),
+    ({"projection.n": 5, "projection.m": 4}, "0 < N <= M"),
+    ({"projection.m": 3, "projection.n": 1}, "not divisible by the N:M group size"),
+    ({"projection.blocks": ("2:4",)}, "entries for 2 blocks"),
+    ({"projection.blocks": ("2:4", "two")}, "is not 'N:M' or 'dense'"),
+    ({"projection.targets": ("attn", "embed")}, "model.projection.targets"),
+    ({"mlp": "kan"}, "no linear projections"),
+    ({"projection.adapter_start": 1.5}, "model.projection.adapter_start"),
+    ({"projection.mask_change_freq": 0}, "model.projection.mask_change_freq"),
 ])
 def test_sparsity_config_errors(changes, message):
   with pytest.raises(ConfigError, match=message):
-    dataclasses.replace(BASE, **changes).validate()
+    override(BASE, changes).validate()
 
 
 def test_mask_change_freq_holds_the_transposed_mask_between_refreshes():
-  cfg = dataclasses.replace(BASE, mask_change_freq=2)
+  cfg = with_projection(BASE, mask_change_freq=2)
   states, model, _ = _train(cfg, 4)
   leaves = sparse.nm_leaves(model)
   path = ("block_0", "mlp", "up", "kernel")

@@ -1,6 +1,5 @@
 """The Transformer LM: shapes and finiteness, causality through gradients, GQA + cross-layer K/V."""
 
-import dataclasses
 import re
 
 import chex
@@ -10,13 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxtricks.config import override
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.layers.embed import Embed
 from jaxtricks.models.transformer import ModelConfig, Transformer
 
 B, T = 2, 12
 # Grouped K/V heads (4 query heads, 2 K/V heads) and cross-layer K/V (layer 1 reads layer 0's).
-CONFIG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, kv_sharing=2)
+CONFIG = ModelConfig(vocab_size=64, d_model=32, n_layers=2,
+                     attention=AttentionConfig(n_heads=4, n_kv_heads=2, kv_sharing=2))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_parameters_follow_the_config(model_and_params):
   chex.assert_shape(params["embed"]["embedding"], (64, 32))
   chex.assert_shape(params["block_0"]["attn"]["q"]["kernel"], (32, 4, h))
   chex.assert_shape(params["block_0"]["attn"]["k"]["kernel"], (32, 2, h))
-  chex.assert_shape(params["block_0"]["mlp"]["gate"]["kernel"], (32, CONFIG.ff_dim))
+  chex.assert_shape(params["block_0"]["mlp"]["gate"]["kernel"], (32, CONFIG.mlp.width(CONFIG)))
   assert "k" not in params["block_1"]["attn"]  # CLA: the sharing layer has no K/V projections
   assert "kv_norm" in params["block_0"] and "kv_norm" not in params["block_1"]
 
@@ -110,14 +112,15 @@ def test_positions_shift_is_invisible_within_the_sequence(model_and_params):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(n_heads=3), "model.n_heads=3 does not divide model.d_model=32"),
-    (dict(n_kv_heads=3), "model.n_kv_heads=3 does not divide model.n_heads=4"),
-    (dict(attention="flash"), "valid: mha"),
-    (dict(attn_impl="fast"), "valid: naive, xla, cudnn"),
-    (dict(kv_sharing=3), "model.kv_sharing=3"),
-    (dict(dtype="float8"), "model.dtype='float8'"),
-    (dict(d_model=36), "RoPE needs an even head dimension, got 9"),
+    ({"attention.n_heads": 3}, "model.attention.n_heads=3 does not divide model.d_model=32"),
+    ({"attention.n_kv_heads": 3},
+     "model.attention.n_kv_heads=3 does not divide model.attention.n_heads=4"),
+    ({"attention": "flash"}, "attention='flash' is unknown; valid: mha"),
+    ({"attention.impl": "fast"}, "valid: naive, xla, cudnn"),
+    ({"attention.kv_sharing": 3}, "CLA sharing factor 3 must be between 1 and the depth 2"),
+    ({"dtype": "float8"}, "model.dtype='float8'"),
+    ({"d_model": 36}, "RoPE needs an even head dimension, got 9"),
 ])
 def test_invalid_configs_are_refused(changes, message):
   with pytest.raises(ConfigError, match=re.escape(message)):
-    dataclasses.replace(CONFIG, **changes).validate()
+    override(CONFIG, changes).validate()

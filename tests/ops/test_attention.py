@@ -1,15 +1,17 @@
-"""Attention with grouped K/V heads against a naive numpy softmax attention, against explicit K/V
-repetition and against jax.nn.dot_product_attention; CLA layouts and KV-cache bytes."""
-
-import dataclasses
+"""The attention computation (jaxtricks.ops.attention): grouped K/V heads (MHA / GQA / MQA, arXiv
+2305.13245, 1911.02150) against a naive float64 numpy softmax attention, against explicitly
+repeated K/V and against jax.nn.dot_product_attention; masks, decode-shaped queries, causality.
+K/V layouts and cache bytes: tests/ops/test_kv_layout.py."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtricks.models.transformer import ModelConfig
-from jaxtricks.ops.attention import attention, causal_mask, kv_bytes_per_token, kv_sources
+from jaxtricks.ops.attention import attention, causal_mask
+
+attention_jit = jax.jit(attention, static_argnames="implementation")
+dpa_jit = jax.jit(jax.nn.dot_product_attention, static_argnames=("implementation", "is_causal"))
 
 
 def naive_attention(q, k, v, mask=None):
@@ -104,25 +106,44 @@ def test_bad_head_counts_and_implementation_are_refused():
     attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), implementation="flash")
 
 
-def test_kv_sources_cross_layer_sharing():
-  assert kv_sources(4) == (0, 1, 2, 3)
-  assert kv_sources(4, sharing=2) == (0, 0, 2, 2)
-  assert kv_sources(5, sharing=2) == (0, 1, 1, 3, 3)  # the short group comes first
-  cla3 = kv_sources(20, sharing=3)
-  assert len(set(cla3)) == 7  # CLA3 on 20 layers: 7 producers, as in the paper
-  assert all(cla3[src] == src and src <= i for i, src in enumerate(cla3))
-  assert kv_sources(4, layout=(0, 0, 0, 3)) == (0, 0, 0, 3)
-  with pytest.raises(ValueError):
-    kv_sources(3, layout=(0, 2, 2))  # layer 1 cannot read a later layer
-  with pytest.raises(ValueError):
-    kv_sources(3, layout=(0, 0, 1))  # layer 1 does not produce K/V
-  with pytest.raises(ValueError):
-    kv_sources(3, sharing=4)
+def causal_inputs(n, k, t, s=9, seed=0):
+  """q for the last t of s positions, k, v over all s, and their causal mask (B, t, s)."""
+  q, kk, v = make_qkv(seed, t=t, s=s, n=n, k=k)
+  q_pos = np.broadcast_to(np.arange(s - t, s), (2, t))
+  k_pos = np.broadcast_to(np.arange(s), (2, s))
+  return q, kk, v, np.asarray(causal_mask(jnp.asarray(q_pos), jnp.asarray(k_pos)))
 
 
-def test_kv_bytes_per_token():
-  cfg = ModelConfig(d_model=64, n_layers=4, n_heads=8, n_kv_heads=2)
-  assert kv_bytes_per_token(cfg) == 2 * 2 * 8 * 4 * 4  # K and V, 2 heads, H=8, 4 layers, fp32
-  assert kv_bytes_per_token(dataclasses.replace(cfg, kv_sharing=2)) == 2 * 2 * 8 * 2 * 4
-  assert kv_bytes_per_token(dataclasses.replace(cfg, dtype="bfloat16")) == 2 * 2 * 8 * 4 * 2
-  assert kv_bytes_per_token(cfg, bytes_per_element=1) == 2 * 2 * 8 * 4
+def test_causal_mask_is_lower_triangular():
+  *_, mask = causal_inputs(4, 2, t=9)
+  np.testing.assert_array_equal(mask, np.broadcast_to(np.tril(np.ones((9, 9), bool)), (2, 9, 9)))
+
+
+@pytest.mark.parametrize("n,k", HEADS)
+@pytest.mark.parametrize("implementation", ["xla", None], ids=["xla", "default"])
+def test_causal_attention_equals_dot_product_attention_is_causal(n, k, implementation):
+  q, kk, v, mask = causal_inputs(n, k, t=9)
+  ref = np.asarray(dpa_jit(q, kk, v, is_causal=True, implementation=implementation))
+  np.testing.assert_allclose(np.asarray(attention_jit(q, kk, v, mask)), ref, rtol=1e-5,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("n,k", HEADS)
+def test_decode_shaped_queries(n, k):
+  """3 queries at the last positions against all cached keys (what a decode step computes)."""
+  q, kk, v, mask = causal_inputs(n, k, t=3, seed=1)
+  ref = naive_attention(q, kk, v, mask)
+  for implementation in ("naive", "xla"):
+    np.testing.assert_allclose(np.asarray(attention_jit(q, kk, v, mask, implementation)), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_output_of_a_query_ignores_keys_after_it():
+  q, k, v, mask = causal_inputs(4, 1, t=9, seed=2)
+  k2, v2 = k.copy(), v.copy()
+  k2[:, 5:] *= -3.0  # change keys and values at positions 5..8
+  v2[:, 5:] += 100.0
+  a = np.asarray(attention_jit(q, k, v, mask))
+  b = np.asarray(attention_jit(q, k2, v2, mask))
+  np.testing.assert_array_equal(a[:, :5], b[:, :5])
+  assert (np.abs(a[:, 5:] - b[:, 5:]).max(-1) > 1e-3).all()  # later queries do see them

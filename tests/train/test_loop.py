@@ -10,9 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtricks.config import Config
+from jaxtricks.config import Config, override, to_dict
 from jaxtricks.data.corpus import DataConfig
 from jaxtricks.errors import ConfigError
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.train import loop
 from jaxtricks.train.config import TrainConfig
@@ -29,7 +30,7 @@ def corpus_glob(tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(corpus_glob):
   return Config(
-      model=ModelConfig(d_model=32, n_layers=1, n_heads=2),
+      model=ModelConfig(d_model=32, n_layers=1, attention=AttentionConfig(n_heads=2)),
       train=TrainConfig(steps=STEPS, batch_size=4, seq_len=16, warmup_steps=1, log_every=1,
                         ckpt_every=STEPS // 2, eval_every=STEPS // 2, eval_batches=1),
       data=DataConfig(corpus=corpus_glob, val_fraction=0.2))
@@ -129,12 +130,24 @@ def test_non_finite_loss_stops_with_a_clear_message(config, tmp_path):
 
 
 def test_fields_added_since_a_checkpoint_are_fine_at_their_defaults(tmp_path, config):
-  """A workdir written before a ModelConfig field existed still resumes while that field keeps
-  its default, and is refused once it does not."""
-  saved = json.loads(json.dumps(dataclasses.asdict(config)))
-  del saved["model"]["kan_grid"]  # as if written before the field existed
+  """A workdir written before a field existed (of the model or of one of its components) still
+  resumes while that field keeps its default, and is refused once it does not."""
+  saved = json.loads(json.dumps(to_dict(config)))
+  del saved["model"]["attention"]["rope_base"]  # as if written before the field existed
+  del saved["model"]["norm_eps"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   loop.check_resumable(str(tmp_path), config)
-  changed = dataclasses.replace(config, model=dataclasses.replace(config.model, kan_grid=7))
-  with pytest.raises(ConfigError, match="model.kan_grid: 5 -> 7"):
+  changed = override(config, {"model.attention.rope_base": "500"})
+  with pytest.raises(ConfigError, match="model.attention.rope_base: 10000.0 -> 500.0"):
     loop.check_resumable(str(tmp_path), changed)
+  kan = override(config, {"model.mlp": "kan"})
+  with pytest.raises(ConfigError, match="model.mlp.kind: 'swiglu' -> 'kan'"):
+    loop.check_resumable(str(tmp_path), kan)
+
+
+def test_a_workdir_of_the_flat_config_format_is_refused(tmp_path, config):
+  old = {"model": {"vocab_size": 256, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                   "attention": "mha", "mtp_heads": 1, "sparsity": "none"}}
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  with pytest.raises(ConfigError, match=r"written by an older jaxtricks \(a flat model config"):
+    loop.check_resumable(str(tmp_path), config)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtricks import sharding
+from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.train import step as step_lib
 from jaxtricks.train.config import TrainConfig
@@ -15,7 +16,7 @@ from jaxtricks.train.optimizer import lr_schedule, make_optimizer
 from jaxtricks.train.state import count_params, init_state, state_shardings
 
 SEQ, BATCH = 16, 4
-MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2)
+MODEL = ModelConfig(vocab_size=256, d_model=32, n_layers=1, attention=AttentionConfig(n_heads=2))
 TRAIN = TrainConfig(steps=100, batch_size=BATCH, seq_len=SEQ, lr=3e-3, warmup_steps=0)
 
 

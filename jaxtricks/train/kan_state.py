@@ -16,6 +16,7 @@ samples (`ops.kan.refit_matrix`). The optimizer state is mapped consistently wit
 Parameters whose shapes do not depend on the grid (w_base, w_spline) keep their state. The
 zoom line search's cached value and gradient are cleared, so the next step evaluates the loss at
 the refitted parameters. Other optax states raise a ConfigError naming the state.
+`refine_with_opt_state` is `models.kan.refine` with the state mapped along.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxtricks.errors import ConfigError
+from jaxtricks.models.kan import KAN, refine
 
 PRIMAL, DUAL, SECOND, RESET = "primal", "dual", "second", "reset"
 # (optax state class name, field) -> how a params-shaped field transforms under c' = M c
@@ -105,3 +107,15 @@ def carry_opt_state(opt_state: Any, maps: dict[str, jnp.ndarray], new_params: di
       fields[field] = value
     mapped.append(state._replace(**fields) if fields else state)
   return tuple(mapped) if states is opt_state else mapped[0]
+
+
+def refine_with_opt_state(model: KAN, variables: dict, x_NxI: jnp.ndarray, opt_state: Any,
+                          grid_size: int | None = None, grid_eps: float = 0.02,
+                          ridge: float = 1e-8) -> tuple[KAN, dict, Any]:
+  """`models.kan.refine` (grid update, or extension to grid_size) that also maps `opt_state` (an
+  optax Adam or L-BFGS state from `train.kan_fit.fit(..., return_state=True)`) onto the new
+  coefficients, to continue training without restarting the optimizer. Returns (new model, new
+  variables, new optimizer state)."""
+  new_model, new_variables, maps = refine(model, variables, x_NxI, grid_size=grid_size,
+                                          grid_eps=grid_eps, ridge=ridge, return_maps=True)
+  return new_model, new_variables, carry_opt_state(opt_state, maps, new_variables["params"])

@@ -1,0 +1,12 @@
+"""Every component kind, registered by importing its module (one line per trick). The config
+parser and the stages that read component hooks import this module; nothing else names a kind.
+"""
+
+import jaxtricks.layers.attention  # noqa: F401  attention: mha (MHA/GQA/MQA, CLA)
+import jaxtricks.layers.embed  # noqa: F401  embed: token; head: linear
+import jaxtricks.layers.kan  # noqa: F401  mlp: kan
+import jaxtricks.layers.linear  # noqa: F401  projection: dense
+import jaxtricks.layers.mlp  # noqa: F401  mlp: swiglu
+import jaxtricks.layers.mtp  # noqa: F401  mtp: transformer, linear, sequential
+import jaxtricks.layers.nm_projection  # noqa: F401  projection: slope, srste
+import jaxtricks.train.sparse_optimizer  # noqa: F401  slope's optimizer transforms

@@ -1,0 +1,61 @@
+"""What components add to the training stages, by component config class: optimizer transforms
+(`optimizer_hook`) and extra loss terms with their metrics (`loss_term`). A trick's train-side
+module registers its hooks here; `make_optimizer` and the losses apply every hook of the model's
+components and never name a trick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+OPTIMIZER_HOOKS: dict[type, Callable[[OptimizerParts, Any], None]] = {}
+LOSS_TERMS: dict[type, Callable] = {}
+
+
+@dataclasses.dataclass
+class OptimizerParts:
+  """The optimizer being assembled: `first` transforms run on the raw gradients (before global-norm
+  clipping), then `core`; each of `wrappers` then wraps the whole chain, in order."""
+  train: Any                    # TrainConfig
+  model: Any                    # the Transformer (its config and parameter structure)
+  schedule: optax.Schedule
+  adamw: Callable[[optax.Schedule], optax.GradientTransformation]
+  core: optax.GradientTransformation
+  first: list[optax.GradientTransformation] = dataclasses.field(default_factory=list)
+  wrappers: list[Callable[[optax.GradientTransformation], optax.GradientTransformation]] = (
+      dataclasses.field(default_factory=list))
+
+
+def _register(table: dict, component_cls: type) -> Callable:
+  def wrap(fn: Callable) -> Callable:
+    if component_cls in table:
+      raise ValueError(f"{component_cls.__name__} has two hooks of one kind")
+    table[component_cls] = fn
+    return fn
+  return wrap
+
+
+def optimizer_hook(component_cls: type) -> Callable:
+  """`fn(parts: OptimizerParts, component)` edits the optimizer for models with that component."""
+  return _register(OPTIMIZER_HOOKS, component_cls)
+
+
+def loss_term(component_cls: type) -> Callable:
+  """`fn(component, model, params, batch, train) -> (scalar, {metric: scalar})`: added to the
+  objective of every loss for models with that component; its metrics are logged."""
+  return _register(LOSS_TERMS, component_cls)
+
+
+def loss_terms(model, params, batch, train: bool) -> tuple[Any, dict]:
+  """The sum of the model's components' loss terms (0.0 without any) and their metrics."""
+  total, metrics = 0.0, {}
+  for component in model.config.components():
+    fn = LOSS_TERMS.get(type(component))
+    if fn is not None:
+      value, extra = fn(component, model, params, batch, train)
+      total, metrics = total + value, {**metrics, **extra}
+  return total, metrics
