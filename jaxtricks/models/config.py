@@ -63,7 +63,8 @@ class ModelConfig:
 
   @property
   def cross_layer(self) -> bool:
-    return len(self.kv_producers) < self.n_layers
+    """Whether some trunk block reads another block's K/V (its producers then get a kv_norm)."""
+    return len(self.kv_producers) < self.depth
 
   @property
   def rng_streams(self) -> tuple[str, ...]:

@@ -108,3 +108,15 @@ def test_compute_matched_removes_trunk_layers():
     override(cfg, {"n_layers": 3}).validate()
   with pytest.raises(ConfigError, match="mtp='medusa' is unknown; valid: transformer"):
     override(cfg, {"mtp": "medusa"})
+
+
+def test_compute_matching_alone_is_not_cross_layer_attention():
+  """3 layers, 2 heads, compute-matched: 2 trunk blocks, each with its own K/V and no kv_norm
+  (the K/V-sharing check once compared producers with n_layers instead of the depth)."""
+  cfg = override(BASE, {"n_layers": 3, "mtp.heads": 2, "mtp.compute_matched": True})
+  assert cfg.depth == 2 and cfg.kv_producers == (0, 1) and not cfg.cross_layer
+  _, params, _ = _init(cfg)
+  assert not any("kv_norm" in params[k] for k in params if k.startswith(("block_", "mtp_")))
+  shared = override(cfg, {"attention.kv_sharing": 2})
+  assert shared.cross_layer
+  assert "kv_norm" in _init(shared)[1]["block_0"]
