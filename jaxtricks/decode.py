@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +181,22 @@ def _draft(logits_JxBxV, key, temperature, top_k, top_p):
   return drafts_JxB.T, jnp.moveaxis(jax.nn.softmax(logits_JxBxV, axis=-1), 0, 1)
 
 
+class _Speculation(NamedTuple):
+  """The loop state of self-speculative decoding (B rows, k heads, J = k - 1 drafts, N slots)."""
+  it: jnp.ndarray            # () passes so far
+  cache: dict
+  next_B: jnp.ndarray        # the next token of each row (already decided)
+  drafts_BxJ: jnp.ndarray    # heads 2..k's drafts of the tokens after it
+  q_BxJxV: jnp.ndarray       # the drafts' distributions (sampling)
+  out_BxN: jnp.ndarray       # emitted tokens
+  n_B: jnp.ndarray           # emitted count per row
+  done_B: jnp.ndarray        # row finished (stop token or max_new_tokens)
+  passes_B: jnp.ndarray      # verification passes per row while active
+  accepted_J: jnp.ndarray    # accepted drafts per draft position
+  tried_J: jnp.ndarray       # drafts tried per draft position
+  rng: jnp.ndarray
+
+
 @functools.partial(jax.jit, static_argnames=("model", "k", "max_new_tokens", "max_len",
                                              "temperature", "top_k", "top_p", "stop_tokens"))
 def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, max_len,
@@ -199,9 +216,9 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
   slot_K = jnp.arange(k)
 
-  def body(carry):
-    it, cache, y_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B, passes_B, acc_J, tried_J, rng = carry
-    rng, k_accept, k_bonus, k_draft = jax.random.split(rng, 4)
+  def body(s: _Speculation) -> _Speculation:
+    cache, y_B, drafts_BxJ, q_BxJxV, n_B = s.cache, s.next_B, s.drafts_BxJ, s.q_BxJxV, s.n_B
+    rng, k_accept, k_bonus, k_draft = jax.random.split(s.rng, 4)
     block_BxK = jnp.concatenate([y_B[:, None], drafts_BxJ], axis=1)
     h_KxBxKxD, new_cache = heads(block_BxK, cache)
     logits_BxKxV = project(h_KxBxKxD[0])  # the next-token head after each block position
@@ -219,40 +236,38 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
       else:
         a_B, resample_B = speculative_accepts(p_BxKxV[:, :-1], q_BxJxV, drafts_BxJ, k_accept)
         next_B = jnp.where(a_B == k - 1, bonus_B, resample_B)
-    active_B = ~done_B
+    active_B = ~s.done_B
     # Emitted: the block's first a + 1 tokens, cut after a stop token and at max_new_tokens.
     stop_BxK = jnp.isin(block_BxK, stops) & (slot_K <= a_B[:, None])
     count_B = jnp.where(jnp.any(stop_BxK, axis=1), jnp.argmax(stop_BxK, axis=1) + 1, a_B + 1)
     count_B = jnp.where(active_B, jnp.minimum(count_B, max_new_tokens - n_B), 0)
     emitted_BxK = jnp.where(slot_K < count_B[:, None], block_BxK, 0)
     out_BxN = jax.vmap(lambda o, x, i: jax.lax.dynamic_update_slice(o, x, (i,)))(
-        out_BxN, emitted_BxK, n_B)
+        s.out_BxN, emitted_BxK, n_B)
     n_B = n_B + count_B
-    done_B = done_B | jnp.any(stop_BxK & (slot_K < count_B[:, None]), axis=1)
+    done_B = s.done_B | jnp.any(stop_BxK & (slot_K < count_B[:, None]), axis=1)
     done_B = done_B | (n_B >= max_new_tokens)
-    passes_B = passes_B + active_B.astype(jnp.int32)
     slot_J = slot_K[:k - 1]
-    tried_J = tried_J + jnp.sum(active_B[:, None] & (a_B[:, None] >= slot_J), axis=0)
-    acc_J = acc_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
+    tried_J = s.tried_J + jnp.sum(active_B[:, None] & (a_B[:, None] >= slot_J), axis=0)
+    accepted_J = s.accepted_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
     # Roll the cache back to the accepted prefix: later slots are overwritten before being read.
     new_cache["lengths"] = cache["lengths"] + jnp.where(active_B, a_B + 1, 0)
     # Drafts from the heads' states at the last accepted position (head 1's is in logits_BxKxV).
     h_JxBxD = jnp.take_along_axis(h_KxBxKxD[1:], a_B[None, :, None, None], axis=2)[:, :, 0]
     drafts_BxJ, q_next = _draft(project(h_JxBxD), k_draft, temperature, top_k, top_p)
     q_BxJxV = q_BxJxV if q_next is None else q_next
-    return (it + 1, new_cache, next_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B, passes_B,
-            acc_J, tried_J, rng)
+    return _Speculation(s.it + 1, new_cache, next_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B,
+                        s.passes_B + active_B.astype(jnp.int32), accepted_J, tried_J, rng)
 
-  def cond(carry):
-    return (carry[0] < max_new_tokens) & ~jnp.all(carry[7])
+  def cond(s: _Speculation) -> jnp.ndarray:
+    return (s.it < max_new_tokens) & ~jnp.all(s.done_B)
 
   zeros_J = jnp.zeros((k - 1,), jnp.int32)
-  init = (jnp.int32(0), cache, y_B, drafts_BxJ, q_BxJxV,
-          jnp.zeros((b, max_new_tokens + k), jnp.int32), jnp.zeros((b,), jnp.int32),
-          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), zeros_J, zeros_J, rng)
-  it, _, _, _, _, out_BxN, n_B, _, passes_B, acc_J, tried_J, _ = jax.lax.while_loop(
-      cond, body, init)
-  return out_BxN[:, :max_new_tokens], n_B, it, passes_B, acc_J, tried_J
+  init = _Speculation(jnp.int32(0), cache, y_B, drafts_BxJ, q_BxJxV,
+                      jnp.zeros((b, max_new_tokens + k), jnp.int32), jnp.zeros((b,), jnp.int32),
+                      jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), zeros_J, zeros_J, rng)
+  s = jax.lax.while_loop(cond, body, init)
+  return s.out_BxN[:, :max_new_tokens], s.n_B, s.it, s.passes_B, s.accepted_J, s.tried_J
 
 
 def speculative_generate(model, params, prompts: Sequence[Sequence[int]] | np.ndarray,
