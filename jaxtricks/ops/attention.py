@@ -57,7 +57,7 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxKxSxH: jnp.ndarray, v_BxKxSxH: 
   """`attention` against a head-major KV cache (B, K, S, H), the decoding layout.
 
   With (B, K) leading, both products are plain batched matmuls over the cache as it lies; a
-  (B, S, K, H) cache would be transposed whole at every decoding step (2-3x slower on CPU).
+  (B, S, K, H) cache would be transposed whole at every decoding step.
   """
   return _grouped(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH")
 
@@ -65,7 +65,7 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxKxSxH: jnp.ndarray, v_BxKxSxH: 
 def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> jnp.ndarray:
   """Queries grouped as (B, T, K, G, H) against K/V in layout `kv` (BSKH or BKSH). For the
   head-major cache the queries are put head-major too: XLA then runs both products without
-  relayouts (about 30% faster per decoding step on CPU than letting it choose)."""
+  relayouts (faster per decoding step on CPU than letting it choose; benchmarks.attention)."""
   b, t, n, h = q_BxTxNxH.shape
   n_kv = k.shape[kv.index("K")]
   q = q_BxTxNxH.reshape(b, t, n_kv, n // n_kv, h)
