@@ -10,4 +10,5 @@ import jaxtricks.layers.mlp  # noqa: F401  mlp: swiglu
 import jaxtricks.layers.mtp  # noqa: F401  mtp: transformer, linear, sequential
 import jaxtricks.layers.neftune  # noqa: F401  embed: neftune
 import jaxtricks.layers.nm_projection  # noqa: F401  projection: slope, srste
+import jaxtricks.train.kan_ffn_reg  # noqa: F401  mlp kan: its regulariser as a loss term
 import jaxtricks.train.sparse_optimizer  # noqa: F401  slope's optimizer transforms

@@ -141,6 +141,8 @@ class KANMLPConfig(Component):
   grid: int = 5          # B-spline intervals
   order: int = 3
   range: float = 3.0     # knots span [-range, range] (inputs are RMS-normalised)
+  reg_lamb: float = 0.0  # sparsity regulariser weight (0: none; jaxtricks.train.kan_ffn_reg)
+  reg_entropy: float = 2.0  # its entropy term's weight against the L1 term
   has_projections: ClassVar[bool] = False  # no linear projections for a projection kind
 
   def width(self, model: Any) -> int:
@@ -148,7 +150,9 @@ class KANMLPConfig(Component):
 
   def validate(self, model: Any) -> None:
     for name, ok, bound in (("d_ff", self.d_ff >= 0, ">= 0"), ("grid", self.grid >= 1, ">= 1"),
-                            ("order", self.order >= 0, ">= 0"), ("range", self.range > 0, "> 0")):
+                            ("order", self.order >= 0, ">= 0"), ("range", self.range > 0, "> 0"),
+                            ("reg_lamb", self.reg_lamb >= 0, ">= 0"),
+                            ("reg_entropy", self.reg_entropy >= 0, ">= 0")):
       if not ok:
         raise ConfigError(f"model.mlp.{name}={getattr(self, name)} must be {bound}")
 

@@ -52,8 +52,9 @@ def coef_l1(params: dict, n_layers: int) -> list[jnp.ndarray]:
   return out
 
 
-def _l1_and_entropy(l1s: list[jnp.ndarray], form: str = "paper"
-                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+def l1_and_entropy(l1s: list[jnp.ndarray], form: str = "paper"
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(sum of the layers' (O, I) edge magnitudes, their entropy in the `form` of Regularizer)."""
   l1 = sum(jnp.sum(a) for a in l1s)
   entropy = 0.0
   for a in l1s:
@@ -93,7 +94,7 @@ class Regularizer:
       raise ValueError(f"regularisation form must be 'sample', 'std' or 'coef', got {self.form!r}")
     if self.entropy not in ("paper", "pykan"):
       raise ValueError(f"entropy must be 'paper' or 'pykan', got {self.entropy!r}")
-    l1, entropy = _l1_and_entropy(l1s, self.entropy)
+    l1, entropy = l1_and_entropy(l1s, self.entropy)
     return self.lamb * (self.lamb_l1 * l1 + self.lamb_entropy * entropy)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+import jaxtricks.components  # noqa: F401 (registers every component's loss terms)
 from jaxtricks.ops.losses import accuracy, cross_entropy
 from jaxtricks.ops.mtp import (
   head_weights,

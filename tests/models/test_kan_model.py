@@ -11,17 +11,18 @@ import pytest
 
 from experiments import lm
 from jaxtricks.config import override
-from jaxtricks.layers.kan import KANLayer, n_basis
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.kan import KANLayer, KANMLPConfig, n_basis
 from jaxtricks.models.kan import KAN, init_variables, mse, refine
 from jaxtricks.models.kan_prune import (
   Regularizer,
-  _l1_and_entropy,
   attribution,
   edge_l1,
+  l1_and_entropy,
   prune,
   prune_edges,
 )
-from jaxtricks.models.transformer import Transformer
+from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops import kan
 from jaxtricks.train.kan_fit import fit
 from jaxtricks.train.losses import LOSSES
@@ -204,7 +205,7 @@ def test_regularisation_and_attribution():
     assert float(value) > 0 and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   # pykan's entropy: a layer with one edge per node has none; spreading a node's mass adds some
   one_hot, spread = jnp.eye(2), jnp.full((2, 2), 0.5)
-  ent = lambda a: float(_l1_and_entropy([a], "pykan")[1])
+  ent = lambda a: float(l1_and_entropy([a], "pykan")[1])
   assert ent(spread) > ent(one_hot) + 0.1
   nodes, edges = attribution(model, variables, X)
   assert [len(s) for s in nodes] == [2, 5, 1] and edges[0].shape == (5, 2)
@@ -227,3 +228,42 @@ def test_prune_edges_masks_small_edges_for_good():
   trained, _ = fit(model, masked, X, Y, 5, optimizer="adam", lr=1e-1)
   _, edges = attribution(model, trained, X)
   assert np.all(edges[0][1] == 0.0)  # a masked edge stays off through training
+
+
+def test_kan_blocks_regulariser_is_a_loss_term():
+  """--model.mlp.reg_lamb adds lamb (L1 + reg_entropy entropy) of the blocks' coefficient-form
+  edge magnitudes to the objective (numpy reference); `loss` stays the data term."""
+  cfg = override(kan_lm_config(), {"mlp.reg_lamb": 1e-3, "mlp.reg_entropy": 2.0})
+  plain = override(cfg, {"mlp.reg_lamb": 0.0})
+  model, plain_model = Transformer(cfg), Transformer(plain)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 9)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+  objective, metrics = LOSSES["lm"](model, params, batch)
+  data, plain_metrics = LOSSES["lm"](plain_model, params, batch)
+  assert "kan_reg" not in plain_metrics and "objective" not in plain_metrics
+  np.testing.assert_allclose(metrics["loss"], data, rtol=1e-6)
+  l1, entropy = 0.0, 0.0
+  for name in ("block_0", "block_1"):
+    for layer in ("up", "down"):
+      p = {k: np.asarray(v, np.float64) for k, v in params[name]["mlp"][layer].items()}
+      mag = (np.abs(p["w_spline"]) * np.abs(p["coef"]).mean(-1) + np.abs(p["w_base"])).T
+      l1 += mag.sum()
+      for axis in (1, 0):
+        share = mag / (mag.sum(axis=axis, keepdims=True) + 1.0)
+        entropy -= np.mean(np.sum(share * np.log2(share + 1e-4), axis=axis))
+  expected = 1e-3 * (l1 + 2.0 * entropy)
+  np.testing.assert_allclose(metrics["kan_reg"], expected, rtol=1e-5)
+  np.testing.assert_allclose(objective, data + expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["objective"], objective, rtol=1e-6)
+  grads = jax.grad(lambda p: LOSSES["lm"](model, p, batch)[0])(params)
+  plain_grads = jax.grad(lambda p: LOSSES["lm"](plain_model, p, batch)[0])(params)
+  assert not np.allclose(grads["block_0"]["mlp"]["up"]["coef"],
+                         plain_grads["block_0"]["mlp"]["up"]["coef"])
+  np.testing.assert_allclose(grads["embed"]["embedding"], plain_grads["embed"]["embedding"],
+                             rtol=1e-6, atol=1e-9)
+
+
+def kan_lm_config():
+  return ModelConfig(vocab_size=32, d_model=16, n_layers=2, attention=AttentionConfig(n_heads=2),
+                     mlp=KANMLPConfig(d_ff=8, grid=3))
