@@ -21,10 +21,10 @@ from jaxtricks.errors import ConfigError
 from jaxtricks.layers.dtypes import resolve_dtype
 from jaxtricks.layers.linear import Linear
 from jaxtricks.ops.attention import (
-  IMPLEMENTATIONS,
   attention,
   cached_attention,
   causal_mask,
+  check_implementation,
   kv_sources,
 )
 from jaxtricks.ops.rope import apply_rope
@@ -148,11 +148,9 @@ class AttentionConfig(Component):
                         f"model.attention.n_heads={self.n_heads}")
     try:
       self.kv_source(model.depth)
+      check_implementation(self.impl)
     except ValueError as e:
       raise ConfigError(f"model.attention: {e}") from None
-    if self.impl not in IMPLEMENTATIONS:
-      raise ConfigError(f"model.attention.impl={self.impl!r} is unknown; valid: "
-                        f"{', '.join(IMPLEMENTATIONS)}")
     if self.head_size(model.d_model) % 2:
       raise ConfigError(f"RoPE needs an even head dimension, got {self.head_size(model.d_model)}")
 

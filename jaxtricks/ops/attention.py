@@ -18,6 +18,13 @@ _NEG_INF = -1e30
 IMPLEMENTATIONS = ("naive", "xla", "cudnn")
 
 
+def check_implementation(implementation: str) -> None:
+  """The one check of an implementation name (configs call it too)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
+                     f"{', '.join(IMPLEMENTATIONS)}")
+
+
 def causal_mask(q_pos_BxT: jnp.ndarray, k_pos_BxS: jnp.ndarray) -> jnp.ndarray:
   """(B, T, S) boolean: query at position p may attend keys at positions <= p."""
   return q_pos_BxT[:, :, None] >= k_pos_BxS[:, None, :]
@@ -39,13 +46,11 @@ def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.nda
     raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({k})")
   if causal and s != t:
     raise ValueError(f"causal attention needs as many keys as queries, got {s} and {t}")
+  check_implementation(implementation)
   if implementation in ("xla", "cudnn"):
     mask = None if mask_BxTxS is None else mask_BxTxS[:, None]
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask,
                                         is_causal=causal, implementation=implementation)
-  if implementation != "naive":
-    raise ValueError(f"unknown attention implementation {implementation!r}; valid: "
-                     f"{', '.join(IMPLEMENTATIONS)}")
   if causal:
     tril_1xTxS = np.tril(np.ones((1, t, s), bool))
     mask_BxTxS = tril_1xTxS if mask_BxTxS is None else mask_BxTxS & tril_1xTxS
