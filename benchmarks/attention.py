@@ -96,7 +96,7 @@ def bench_point(cfg: ModelConfig, params: dict, context: int, batch: int, new_to
   allocated = cache_bytes(cache)
 
   def step(params, tokens_BxT, cache):
-    logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, cache=cache)
+    logits_BxTxV, cache = model.apply({"params": params}, tokens_BxT, cache, method="decode")
     return jnp.argmax(logits_BxTxV[:, -1], -1).astype(jnp.int32), cache
 
   def decode(params, cache, tok_B):

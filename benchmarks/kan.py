@@ -284,7 +284,12 @@ def torch_in_subprocess(case: str, impl: str) -> dict:
 
 
 def worker(spec: str) -> None:
-  import torch  # noqa: PLC0415 (torch is an optional peer)
+  try:
+    import torch  # noqa: PLC0415 (torch is an optional peer)
+  except ImportError as e:
+    print("RESULT " + json.dumps({"status": "not installed", "reason": f"{type(e).__name__}: {e}"}),
+          flush=True)
+    return
 
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
