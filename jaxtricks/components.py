@@ -1,5 +1,6 @@
-"""Every component kind, registered by importing its module (one line per trick). The config
-parser and the stages that read component hooks import this module; nothing else names a kind.
+"""Every component kind and trick loss, registered by importing its module (one line per
+trick). The config parser and the stages that read component hooks import this module; nothing
+else names a kind.
 """
 
 import jaxtricks.layers.attention  # noqa: F401  attention: mha (MHA/GQA/MQA, CLA)
@@ -11,4 +12,5 @@ import jaxtricks.layers.mtp  # noqa: F401  mtp: transformer, linear, sequential
 import jaxtricks.layers.neftune  # noqa: F401  embed: neftune
 import jaxtricks.layers.nm_projection  # noqa: F401  projection: slope, srste
 import jaxtricks.train.kan_ffn_reg  # noqa: F401  mlp kan: its regulariser as a loss term
+import jaxtricks.train.mtp_loss  # noqa: F401  train.loss: mtp, mtp_naive
 import jaxtricks.train.sparse_optimizer  # noqa: F401  slope's optimizer transforms

@@ -217,3 +217,16 @@ def test_lm_smoke_preset_as_documented(tmp_path):
   assert proc.returncode == 0, support.describe(proc)
   summary = json.loads((tmp_path / "lm" / "summary.json").read_text())
   assert summary["steps"] == 30 and summary["val_bits_per_byte"] < 6.0
+
+
+def test_help_lists_every_component_kind_and_field():
+  proc = support.launch("--exp=lm", "--preset=smoke", "--help")  # absl exits 1 after --help
+  text = " ".join((proc.stdout + proc.stderr).split())  # absl wraps long help lines
+  assert "Traceback" not in text, support.describe(proc)
+  for line in ("--model.mlp: default: 'swiglu' (one of swiglu, kan)",
+               "--model.mlp.grid: default: 5 (with model.mlp=kan)",
+               "--model.projection.decay: default: 0.0002 (with model.projection=srste)",
+               "--model.projection.n: default: 2 (with model.projection=slope/srste)",
+               "--model.embed: default: 'token' (one of token, neftune)",
+               "--model.attention.n_heads: default: 2", "--train.lr: default: 0.003"):
+    assert line in text, line

@@ -1,7 +1,7 @@
-"""What components add to the training stages, by component config class: optimizer transforms
-(`optimizer_hook`) and extra loss terms with their metrics (`loss_term`). A trick's train-side
-module registers its hooks here; `make_optimizer` and the losses apply every hook of the model's
-components and never name a trick.
+"""The registries of the training stages: losses by name (`register_loss`), and what components
+add, by component config class: optimizer transforms (`optimizer_hook`) and extra loss terms with
+their metrics (`loss_term`). A trick's train-side module registers here; `make_optimizer` and the
+losses apply every hook of the model's components and never name a trick.
 """
 
 from __future__ import annotations
@@ -14,6 +14,17 @@ import optax
 
 OPTIMIZER_HOOKS: dict[type, Callable[[OptimizerParts, Any], None]] = {}
 LOSS_TERMS: dict[type, Callable] = {}
+LOSSES: dict[str, Callable] = {}   # train.loss name -> loss_fn (jaxtricks.train.losses)
+
+
+def register_loss(name: str) -> Callable:
+  """Registers `loss_fn(model, params, batch, train, rngs) -> (loss, metrics)` as `name`."""
+  def wrap(fn: Callable) -> Callable:
+    if name in LOSSES:
+      raise ValueError(f"loss {name!r} is registered twice")
+    LOSSES[name] = fn
+    return fn
+  return wrap
 
 
 @dataclasses.dataclass
@@ -48,6 +59,15 @@ def loss_term(component_cls: type) -> Callable:
   """`fn(component, model, params, batch, train) -> (scalar, {metric: scalar})`: added to the
   objective of every loss for models with that component; its metrics are logged."""
   return _register(LOSS_TERMS, component_cls)
+
+
+def with_terms(model, params, batch, train: bool, loss, metrics: dict) -> tuple[Any, dict]:
+  """`loss` plus the components' loss terms; metrics gain theirs and `objective` (the sum), and
+  `loss` stays the data term."""
+  extra, extra_metrics = loss_terms(model, params, batch, train)
+  if not extra_metrics:
+    return loss, metrics
+  return loss + extra, {**metrics, **extra_metrics, "objective": loss + extra}
 
 
 def loss_terms(model, params, batch, train: bool) -> tuple[Any, dict]:

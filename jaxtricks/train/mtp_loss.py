@@ -1,0 +1,51 @@
+"""The multi-token prediction losses (Gloeckle et al. 2024, arXiv 2404.19737), registered as
+`--train.loss=mtp` (memory-efficient: one head's logits alive at a time) and `mtp_naive` (every
+head's logits at once; the reference and the benchmark's baseline). Head i of the model's
+`mtp.heads` predicts token t + i and weighs 1 (head 1) or mtp.loss_lambda / (n - 1) when
+loss_lambda > 0.
+"""
+
+import jax.numpy as jnp
+
+from jaxtricks.ops.mtp import (
+  head_weights,
+  heads_cross_entropy,
+  heads_cross_entropy_naive,
+  shift_targets,
+)
+from jaxtricks.train.hooks import register_loss, with_terms
+
+
+def _mtp_loss(model, params, batch, train, rngs, efficient: bool) -> tuple[jnp.ndarray, dict]:
+  cfg = model.config
+  n = cfg.mtp.heads
+  h_NxBxTxD = model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs,
+                          method="heads_hidden")
+  targets_NxBxT, weights_NxBxT = shift_targets(batch["targets"], batch.get("weights"), n)
+  shared = {"final_norm": params["final_norm"], "head": params["head"]}
+  project = lambda p, h_BxTxD: model.apply({"params": p}, h_BxTxD, method="project")
+  fn = heads_cross_entropy if efficient else heads_cross_entropy_naive
+  objective, per_head = fn(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT,
+                           head_weights(n, cfg.mtp.loss_lambda))
+  metrics = {"loss": objective, "accuracy": per_head["accuracy"][0]}
+  for i in range(n):
+    metrics[f"loss_head{i + 1}"] = per_head["loss"][i]
+    metrics[f"accuracy_head{i + 1}"] = per_head["accuracy"][i]
+  return with_terms(model, params, batch, train, objective, metrics)
+
+
+@register_loss("mtp")
+def mtp_loss(model, params, batch, train: bool = False, rngs: dict | None = None
+             ) -> tuple[jnp.ndarray, dict]:
+  """Multi-token prediction (arXiv 2404.19737), memory-efficient: one head's logits at a time.
+
+  metrics: loss (the weighted sum over heads), accuracy (head 1), loss_head{i}, accuracy_head{i}.
+  """
+  return _mtp_loss(model, params, batch, train, rngs, efficient=True)
+
+
+@register_loss("mtp_naive")
+def mtp_naive_loss(model, params, batch, train: bool = False, rngs: dict | None = None
+                   ) -> tuple[jnp.ndarray, dict]:
+  """The same objective with every head's logits alive at once (reference and benchmark)."""
+  return _mtp_loss(model, params, batch, train, rngs, efficient=False)
