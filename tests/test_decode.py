@@ -9,7 +9,7 @@ run op by op (no jit): nine model variants would otherwise compile three program
 by op the compiled kernels are shared between variants.
 """
 
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,9 +44,9 @@ def test_cache_is_allocated_for_producing_layers_only(heads, sharing):
   assert len(cfg.kv_producers) == {1: 4, 2: 2, 3: 2}[sharing]
   for i in cfg.kv_producers:
     for name in ("k", "v"):
-      assert cache[f"layer_{i}"][name].shape == (3, HEADS[heads], 10, 8)  # head-major
-      assert cache[f"layer_{i}"][name].dtype == jnp.float32
-  np.testing.assert_array_equal(cache["lengths"], np.zeros(3, np.int32))
+      chex.assert_shape(cache[f"layer_{i}"][name], (3, HEADS[heads], 10, 8))  # head-major
+      chex.assert_type(cache[f"layer_{i}"][name], jnp.float32)
+  chex.assert_trees_all_equal(cache["lengths"], np.zeros(3, np.int32))
   assert cache_bytes(cache) == kv_bytes_per_token(cfg) * 3 * 10
 
 
@@ -64,7 +64,7 @@ def test_allocated_cache_of_the_cla_paper_models():
   per_token = {1: 10_240, 2: 5_120, 3: 3_584}
   for sharing, expected in per_token.items():
     cache = init_cache(override(paper, {"attention.kv_sharing": sharing}), batch=2, max_len=3)
-    assert cache["layer_0"]["k"].dtype == jnp.bfloat16
+    chex.assert_type(cache["layer_0"]["k"], jnp.bfloat16)
     assert cache_bytes(cache) == expected * 2 * 3
   assert per_token[2] * 2 == per_token[1]
 
@@ -91,11 +91,11 @@ def test_cached_decoding_equals_full_forward(heads, sharing):
   pieces = []
   for start, stop in CHUNKS:
     logits, cache = model.apply({"params": params}, tokens[:, start:stop], cache, method="decode")
-    assert logits.shape == (B, stop - start, cfg.vocab_size)
-    np.testing.assert_array_equal(cache["lengths"], [stop] * B)
+    chex.assert_shape(logits, (B, stop - start, cfg.vocab_size))
+    chex.assert_trees_all_equal(cache["lengths"], np.full(B, stop))
     pieces.append(np.asarray(logits))
   assert set(cache) == {f"layer_{i}" for i in cfg.kv_producers} | {"lengths"}
-  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-5)
+  chex.assert_trees_all_close(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-5)
   assert np.abs(full).max() > 0.5  # the logits are not trivially small
 
 
@@ -126,10 +126,10 @@ def gen():
 def test_greedy_is_deterministic(gen):
   model, params, _, greedy = gen
   again = generate(model, params, PROMPTS, N_NEW, max_len=GEN_LEN)
-  assert greedy.tokens.shape == (len(PROMPTS), N_NEW)
-  np.testing.assert_array_equal(greedy.tokens, again.tokens)
-  np.testing.assert_array_equal(greedy.lengths, [N_NEW] * len(PROMPTS))
-  np.testing.assert_array_equal(again.lengths, greedy.lengths)
+  chex.assert_shape(greedy.tokens, (len(PROMPTS), N_NEW))
+  chex.assert_trees_all_equal(greedy.tokens, again.tokens)
+  chex.assert_trees_all_equal(greedy.lengths, np.full(len(PROMPTS), N_NEW))
+  chex.assert_trees_all_equal(again.lengths, greedy.lengths)
   assert greedy.forward_passes == again.forward_passes == N_NEW
 
 
@@ -171,7 +171,7 @@ def test_top_k_1_sampling_equals_greedy(gen):
   for seed in (0, 1):
     out = generate(model, params, PROMPTS, N_NEW, max_len=GEN_LEN, temperature=1.3, top_k=1,
                    rng=jax.random.key(seed))
-    np.testing.assert_array_equal(out.tokens, greedy.tokens)
+    chex.assert_trees_all_equal(out.tokens, greedy.tokens)
 
 
 def nucleus(logits, p):
@@ -189,7 +189,7 @@ def test_temperature_top_p_sampling_is_reproducible_and_stays_in_the_nucleus(gen
   a = generate(model, params, PROMPTS, N_NEW, rng=jax.random.key(11), **kw)
   b = generate(model, params, PROMPTS, N_NEW, rng=jax.random.key(11), **kw)
   c = generate(model, params, PROMPTS, N_NEW, rng=jax.random.key(12), **kw)
-  np.testing.assert_array_equal(a.tokens, b.tokens)
+  chex.assert_trees_all_equal(a.tokens, b.tokens)
   assert (a.tokens != c.tokens).any()  # another key, other samples
   sizes = []
   for row, prompt in enumerate(PROMPTS):

@@ -2,7 +2,7 @@
 stop tokens, batches whose rows accept different numbers of drafts), real acceptance on a model
 that has learned its data, sampling mode, and clear errors."""
 
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +28,7 @@ def _prompts(seed: int, batch: int = 5) -> list[list[int]]:
 
 
 def _assert_same(plain, spec):
-  np.testing.assert_array_equal(spec.tokens, plain.tokens)
-  np.testing.assert_array_equal(spec.lengths, plain.lengths)
+  chex.assert_trees_all_equal((spec.tokens, spec.lengths), (plain.tokens, plain.lengths))
 
 
 @pytest.mark.parametrize("kind", ["transformer", "linear"])
@@ -113,12 +112,13 @@ def test_sampling_mode_accepts_drafts_and_returns_valid_tokens(trained):
   prompts = _prompts(3)
   spec = speculative_generate(model, params, prompts, NEW, temperature=0.7, top_k=8,
                               rng=jax.random.key(1))
-  assert spec.tokens.shape == (5, NEW) and spec.lengths.tolist() == [NEW] * 5
+  chex.assert_shape(spec.tokens, (5, NEW))
+  assert spec.lengths.tolist() == [NEW] * 5
   assert 0 <= spec.tokens.min() and spec.tokens.max() < CFG.vocab_size
   assert spec.tokens_per_forward > 2.0
   again = speculative_generate(model, params, prompts, NEW, temperature=0.7, top_k=8,
                                rng=jax.random.key(1))
-  np.testing.assert_array_equal(again.tokens, spec.tokens)  # deterministic given the key
+  chex.assert_trees_all_equal(again.tokens, spec.tokens)  # deterministic given the key
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -140,4 +140,4 @@ def test_sequential_modules_do_not_draft():
   with pytest.raises(ValueError, match="model.mtp='sequential' heads do not draft"):
     speculative_generate(model, params, [[1, 2]], 4)
   # Plain decoding still works: it uses the next-token path only.
-  assert generate(model, params, [[1, 2]], 4).tokens.shape == (1, 4)
+  chex.assert_shape(generate(model, params, [[1, 2]], 4).tokens, (1, 4))

@@ -5,17 +5,20 @@ key/value heads: MHA K = N, GQA 1 < K < N (Ainslie et al. 2023, arXiv 2305.13245
 (Shazeer 2019, arXiv 1911.02150). Queries are reshaped to (B, T, K, G = N/K, H) so every group
 reads its K/V head without repeating it. Cross-Layer Attention (Brandon et al. 2024, arXiv
 2405.12981) shares K/V between layers; KV bytes per token = 2 K H (number of K/V-producing layers)
-(bytes per element).
+(bytes per element). Shape contracts are chex assertions on static shapes, checked at trace time.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtricks.ops.ring_attention import context_parallel_size, ring_attention
+
 _NEG_INF = -1e30
-IMPLEMENTATIONS = ("naive", "xla", "cudnn")
+IMPLEMENTATIONS = ("naive", "xla", "cudnn", "ring")
 
 
 def check_implementation(implementation: str) -> None:
@@ -27,6 +30,8 @@ def check_implementation(implementation: str) -> None:
 
 def causal_mask(q_pos_BxT: jnp.ndarray, k_pos_BxS: jnp.ndarray) -> jnp.ndarray:
   """(B, T, S) boolean: query at position p may attend keys at positions <= p."""
+  chex.assert_rank([q_pos_BxT, k_pos_BxS], 2, custom_message="causal_mask: positions")
+  chex.assert_equal_shape([q_pos_BxT, k_pos_BxS], dims=0, custom_message="causal_mask: batch")
   return q_pos_BxT[:, :, None] >= k_pos_BxS[:, None, :]
 
 
@@ -36,17 +41,22 @@ def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.nda
   """Attention output (B, T, N, H); logits and softmax in float32.
 
   implementation: 'naive' (two einsums, any backend), or 'xla' / 'cudnn', which call
-  jax.nn.dot_product_attention ('cudnn' needs an NVIDIA GPU and float16/bfloat16 inputs).
+  jax.nn.dot_product_attention ('cudnn' needs an NVIDIA GPU and float16/bfloat16 inputs), or
+  'ring': causal attention with the sequence split over the current mesh's 'context' axis
+  (ops.ring_attention); 'naive' where there is no such axis or a mask is given.
   causal: queries and keys are both at positions 0..T-1 (a static mask, or the backend's causal
   kernel); combined with `mask_BxTxS` when both are given.
   """
+  _check_qkv("attention", q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, "BSKH")
   b, t, n, h = q_BxTxNxH.shape
-  s, k = k_BxSxKxH.shape[1:3]
-  if n % k:
-    raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({k})")
+  s = k_BxSxKxH.shape[1]
   if causal and s != t:
     raise ValueError(f"causal attention needs as many keys as queries, got {s} and {t}")
   check_implementation(implementation)
+  if implementation == "ring":
+    if causal and mask_BxTxS is None and context_parallel_size() > 1:
+      return ring_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
+    implementation = "naive"
   if implementation in ("xla", "cudnn"):
     mask = None if mask_BxTxS is None else mask_BxTxS[:, None]
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask,
@@ -64,7 +74,22 @@ def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxKxSxH: jnp.ndarray, v_BxKxSxH: 
   With (B, K) leading, both products are plain batched matmuls over the cache as it lies; a
   (B, S, K, H) cache would be transposed whole at every decoding step.
   """
+  _check_qkv("cached_attention", q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH")
   return _grouped(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH")
+
+
+def _check_qkv(name: str, q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> None:
+  """The shape contract of both layouts: q (B, T, N, H), k and v equal (B, S, K, H) or
+  (B, K, S, H), N a multiple of K, mask (B or 1, T, S)."""
+  chex.assert_rank([q_BxTxNxH, k, v], 4, custom_message=f"{name}: q, k, v")
+  chex.assert_equal_shape([k, v], custom_message=f"{name}: k and v")
+  chex.assert_equal_shape([q_BxTxNxH, k], dims=(0, 3), custom_message=f"{name}: batch, head dim")
+  b, t, n, _ = q_BxTxNxH.shape
+  n_kv, s = k.shape[kv.index("K")], k.shape[kv.index("S")]
+  if n % n_kv:
+    raise ValueError(f"query heads ({n}) must be a multiple of key/value heads ({n_kv})")
+  if mask_BxTxS is not None:
+    chex.assert_shape(mask_BxTxS, ({1, b}, t, s), custom_message=f"{name}: mask_BxTxS")
 
 
 def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> jnp.ndarray:

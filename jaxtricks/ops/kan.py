@@ -16,13 +16,15 @@ by one (I (G + k), O) matrix; here silu(x) rides along as one more basis plane, 
 materialises phi for every (n, o, i), which pruning, attribution and symbolic fitting need. They
 agree to float32 rounding. Bases are computed as planes (N, J, I) (inputs contiguous), with an
 analytic derivative in a custom VJP; `python -m benchmarks.kan` times the layer against its
-matmuls and the peers (README has the figures).
+matmuls and the peers (README has the figures). Shape contracts are chex assertions on static
+shapes (trace time).
 """
 
 from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -114,6 +116,7 @@ def bspline_planes(x_NxI: jnp.ndarray, grid_IxM: jnp.ndarray, order: int,
   bases saved from the forward pass), not autodiff through the recursion; the knots get no
   gradient either way.
   """
+  chex.assert_rank(x_NxI, 2, custom_message="bspline_planes: x_NxI")
   _check_grid(x_NxI.shape[-1], grid_IxM, order)
   grid_IxM = grid_IxM.astype(x_NxI.dtype)
   if analytic_grad:
@@ -145,12 +148,15 @@ def bspline_basis_derivative(x: jnp.ndarray, grid: jnp.ndarray, order: int) -> j
 
 def rbf_basis(x: jnp.ndarray, centres_J: jnp.ndarray, width: float) -> jnp.ndarray:
   """Gaussian radial bases exp(-((x - u_j) / h)^2) (FastKAN): (..., I) -> (..., I, J)."""
+  chex.assert_rank(centres_J, 1, custom_message="rbf_basis: centres_J")
   return jnp.exp(-jnp.square((x[..., None] - centres_J) / width))
 
 
 def chebyshev_basis(x: jnp.ndarray, degree: int) -> jnp.ndarray:
   """T_0..T_degree of tanh(x) (ChebyKAN), by the recurrence T_{d+1} = 2 u T_d - T_{d-1}:
   (..., I) -> (..., I, degree + 1)."""
+  if degree < 0:
+    raise ValueError(f"a Chebyshev basis needs degree >= 0, got {degree}")
   u = jnp.tanh(x)
   terms = [jnp.ones_like(u), u]
   for _ in range(degree - 1):
@@ -158,10 +164,26 @@ def chebyshev_basis(x: jnp.ndarray, degree: int) -> jnp.ndarray:
   return jnp.stack(terms[:degree + 1], axis=-1)
 
 
+def _check_layer(name: str, x_NxI, basis, coef_IxOxJ, w_base_IxO, w_spline_IxO,
+                 layout: str) -> None:
+  """x (N, I), bases (N, J, I) or (N, I, J) as `layout` says, c (I, O, J), w_b and w_s (I, O)."""
+  chex.assert_rank([x_NxI, basis, coef_IxOxJ, w_base_IxO, w_spline_IxO], [2, 3, 3, 2, 2],
+                   custom_message=f"{name}: x, basis, coef, w_base, w_spline")
+  n, i = x_NxI.shape
+  j = basis.shape[layout.index("J")]
+  chex.assert_shape(basis, tuple({"N": n, "I": i, "J": j}[a] for a in layout),
+                    custom_message=f"{name}: basis_{'x'.join(layout)}")
+  chex.assert_shape(coef_IxOxJ, (i, None, j), custom_message=f"{name}: coef_IxOxJ")
+  chex.assert_shape([w_base_IxO, w_spline_IxO], coef_IxOxJ.shape[:2],
+                    custom_message=f"{name}: w_base_IxO, w_spline_IxO")
+
+
 def kan_matmul_planes(x_NxI: jnp.ndarray, basis_NxJxI: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
                       w_base_IxO: jnp.ndarray, w_spline_IxO: jnp.ndarray) -> jnp.ndarray:
   """y (N, O) = [bases, silu(x)] (N, (J + 1) I) @ [C; W_b] ((J + 1) I, O), one matmul, with
   C[j i, o] = w_s[i, o] c[i, o, j]: silu(x) is the (J + 1)-th basis plane, W_b its coefficients."""
+  _check_layer("kan_matmul_planes", x_NxI, basis_NxJxI, coef_IxOxJ, w_base_IxO, w_spline_IxO,
+               "NJI")
   n, j, i = basis_NxJxI.shape
   feats_NxKxI = jnp.concatenate([basis_NxJxI, jax.nn.silu(x_NxI)[:, None, :]], axis=1)
   c_KxIxO = jnp.concatenate([jnp.einsum("IOJ,IO->JIO", coef_IxOxJ, w_spline_IxO),
@@ -172,6 +194,7 @@ def kan_matmul_planes(x_NxI: jnp.ndarray, basis_NxJxI: jnp.ndarray, coef_IxOxJ: 
 def kan_matmul(x_NxI: jnp.ndarray, basis_NxIxJ: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
                w_base_IxO: jnp.ndarray, w_spline_IxO: jnp.ndarray) -> jnp.ndarray:
   """`kan_matmul_planes` for bases in the (N, I, J) layout of `bspline_basis`."""
+  _check_layer("kan_matmul", x_NxI, basis_NxIxJ, coef_IxOxJ, w_base_IxO, w_spline_IxO, "NIJ")
   return kan_matmul_planes(x_NxI, jnp.swapaxes(basis_NxIxJ, 1, 2), coef_IxOxJ, w_base_IxO,
                            w_spline_IxO)
 
@@ -179,6 +202,7 @@ def kan_matmul(x_NxI: jnp.ndarray, basis_NxIxJ: jnp.ndarray, coef_IxOxJ: jnp.nda
 def kan_edges(x_NxI: jnp.ndarray, basis_NxIxJ: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
               w_base_IxO: jnp.ndarray, w_spline_IxO: jnp.ndarray) -> jnp.ndarray:
   """phi (N, O, I) of every edge; y = phi.sum(-1) equals `kan_matmul`."""
+  _check_layer("kan_edges", x_NxI, basis_NxIxJ, coef_IxOxJ, w_base_IxO, w_spline_IxO, "NIJ")
   spline_NxOxI = jnp.einsum("NIJ,IOJ->NOI", basis_NxIxJ, coef_IxOxJ)
   return (w_base_IxO.T[None] * jax.nn.silu(x_NxI)[:, None, :]
           + w_spline_IxO.T[None] * spline_NxOxI)
@@ -192,6 +216,8 @@ def solve_least_squares(a_BxNxJ: jnp.ndarray, y_BxNxO: jnp.ndarray,
   or a single sample per interval give a finite answer (the minimum-norm-like one), never NaN;
   if the solve still fails numerically, the pseudo-inverse answer is returned instead.
   """
+  chex.assert_rank([a_BxNxJ, y_BxNxO], 3, custom_message="solve_least_squares: a, y")
+  chex.assert_equal_shape_prefix([a_BxNxJ, y_BxNxO], 2, custom_message="solve_least_squares")
   ata = jnp.einsum("BNJ,BNK->BJK", a_BxNxJ, a_BxNxJ)
   aty = jnp.einsum("BNJ,BNO->BJO", a_BxNxJ, y_BxNxO)
   j = ata.shape[-1]
@@ -209,6 +235,7 @@ def grid_from_samples(x_NxI: jnp.ndarray, grid_size: int, order: int,
   grid_eps * uniform + (1 - grid_eps) * quantiles over [min, max], extended by k uniform steps.
   With span = (lo, hi) the end knots reach at least lo and hi, so inputs of a known domain that
   fall just outside the samples' hull are interpolated rather than extrapolated."""
+  chex.assert_rank(x_NxI, 2, custom_message="grid_from_samples: x_NxI")
   n = x_NxI.shape[0]
   xs = jnp.sort(x_NxI, axis=0)
   idx = jnp.round(jnp.linspace(0, n - 1, grid_size + 1)).astype(jnp.int32)
@@ -229,6 +256,8 @@ def grid_from_samples(x_NxI: jnp.ndarray, grid_size: int, order: int,
 def fit_coefficients(x_NxI: jnp.ndarray, values_NxIxO: jnp.ndarray, grid_IxM: jnp.ndarray,
                      order: int, ridge: float = 1e-8) -> jnp.ndarray:
   """Coefficients (I, O, J) whose splines on `grid` best match `values` at the samples."""
+  chex.assert_rank(x_NxI, 2, custom_message="fit_coefficients: x_NxI")
+  chex.assert_shape(values_NxIxO, (*x_NxI.shape, None), custom_message="fit_coefficients: values")
   basis_IxNxJ = jnp.swapaxes(bspline_basis(x_NxI, grid_IxM, order), 0, 1)
   coef_IxJxO = solve_least_squares(basis_IxNxJ, jnp.swapaxes(values_NxIxO, 0, 1), ridge)
   return jnp.swapaxes(coef_IxJxO, 1, 2)
@@ -237,6 +266,9 @@ def fit_coefficients(x_NxI: jnp.ndarray, values_NxIxO: jnp.ndarray, grid_IxM: jn
 def spline_values(x_NxI: jnp.ndarray, grid_IxM: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
                   order: int) -> jnp.ndarray:
   """sum_j c[i, o, j] B_j(x_i): (N, I, O), the spline part of every edge before w_s."""
+  chex.assert_rank(x_NxI, 2, custom_message="spline_values: x_NxI")
+  chex.assert_shape(coef_IxOxJ, (x_NxI.shape[1], None, grid_IxM.shape[-1] - order - 1),
+                    custom_message="spline_values: coef_IxOxJ")
   return jnp.einsum("NIJ,IOJ->NIO", bspline_basis(x_NxI, grid_IxM, order), coef_IxOxJ)
 
 
@@ -244,6 +276,7 @@ def refit_matrix(x_NxI: jnp.ndarray, grid_IxM: jnp.ndarray, new_grid_IxL: jnp.nd
                  order: int, ridge: float = 1e-8) -> jnp.ndarray:
   """M (I, G' + k, G + k): `fit_coefficients` onto `new_grid` of the splines on `grid` is the
   linear map c'[i, o] = M[i] c[i, o] (the same ridge least squares at the samples)."""
+  chex.assert_rank(x_NxI, 2, custom_message="refit_matrix: x_NxI")
   old_IxNxJ = jnp.swapaxes(bspline_basis(x_NxI, grid_IxM, order), 0, 1)
   new_IxNxK = jnp.swapaxes(bspline_basis(x_NxI, new_grid_IxL, order), 0, 1)
   return solve_least_squares(new_IxNxK, old_IxNxJ, ridge)

@@ -15,6 +15,7 @@ Self-speculative decoding (Stern et al. 2018, arXiv 1811.03115) accepts the long
 drafts that the next-token head agrees with (greedy), or by the rule of Leviathan et al. 2023
 (arXiv 2211.17192): accept a draft x ~ q with probability min(1, p(x) / q(x)); at the first
 rejection sample from norm(max(0, p - q)). Both keep the output distribution of plain decoding.
+Shape contracts are chex assertions on static shapes (trace time).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,9 @@ from jaxtricks.ops.losses import accuracy, cross_entropy
 
 # project(shared_params, h_BxTxD) -> logits_BxTxV
 Project = Callable[[dict, jnp.ndarray], jnp.ndarray]
+# head_loss(shared_params, h_BxTxD, targets_BxT, weights_BxT) -> (mean loss, accuracy)
+HeadLoss = Callable[[dict, jnp.ndarray, jnp.ndarray, jnp.ndarray],
+                    tuple[jnp.ndarray, jnp.ndarray]]
 
 
 def head_weights(n: int, lam: float = 0.0) -> np.ndarray:
@@ -43,6 +48,9 @@ def head_weights(n: int, lam: float = 0.0) -> np.ndarray:
 def shift_targets(targets_BxT: jnp.ndarray, weights_BxT: jnp.ndarray | None,
                   n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Targets (n, B, T) of heads 1..n and their weights; head i's last i - 1 positions masked."""
+  chex.assert_rank(targets_BxT, 2, custom_message="shift_targets: targets_BxT")
+  if weights_BxT is not None:
+    chex.assert_equal_shape([targets_BxT, weights_BxT], custom_message="shift_targets: weights")
   if weights_BxT is None:
     weights_BxT = jnp.ones(targets_BxT.shape, jnp.float32)
   pad = lambda x, i: jnp.pad(x[:, i:], ((0, 0), (0, i)))
@@ -61,6 +69,7 @@ def _head_loss(project: Project, shared: dict, h_BxTxD, targets_BxT, weights_BxT
 def heads_cross_entropy_naive(project: Project, shared: dict, h_NxBxTxD, targets_NxBxT,
                               weights_NxBxT, head_w_N) -> tuple[jnp.ndarray, dict]:
   """The plain form: every head's logits at once, differentiated by ordinary autodiff."""
+  _check_heads("heads_cross_entropy_naive", h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N)
   losses, accs = zip(*[_head_loss(project, shared, h_NxBxTxD[i], targets_NxBxT[i],
                                   weights_NxBxT[i]) for i in range(h_NxBxTxD.shape[0])],
                      strict=True)
@@ -69,10 +78,18 @@ def heads_cross_entropy_naive(project: Project, shared: dict, h_NxBxTxD, targets
                                                       "accuracy": jax.lax.stop_gradient(accs_N)}
 
 
-def _scan_heads(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, with_grads: bool):
+def _check_heads(name: str, h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N) -> None:
+  """h (n, B, T, D), targets and weights (n, B, T), head weights (n,)."""
+  chex.assert_rank(h_NxBxTxD, 4, custom_message=f"{name}: h_NxBxTxD")
+  chex.assert_shape([targets_NxBxT, weights_NxBxT], h_NxBxTxD.shape[:3],
+                    custom_message=f"{name}: targets_NxBxT, weights_NxBxT")
+  chex.assert_equal(np.shape(head_w_N), h_NxBxTxD.shape[:1], custom_message=f"{name}: head_w_N")
+
+
+def _scan_heads(f: HeadLoss, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT,
+                with_grads: bool):
   def one(_, xs):
     h_BxTxD, targets_BxT, weights_BxT = xs
-    f = functools.partial(_head_loss, project)
     if not with_grads:
       return None, (*f(shared, h_BxTxD, targets_BxT, weights_BxT), None, None)
     (loss, acc), (g_shared, g_h) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
@@ -83,15 +100,15 @@ def _scan_heads(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, with_g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N):
-  losses_N, accs_N, _, _ = _scan_heads(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT,
+def _fused(one_head, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N):
+  losses_N, accs_N, _, _ = _scan_heads(one_head, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT,
                                        with_grads=False)
   return jnp.sum(head_w_N * losses_N), (losses_N, accs_N)
 
 
-def _fused_fwd(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N):
+def _fused_fwd(one_head, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N):
   losses_N, accs_N, g_shared_N, g_h_NxBxTxD = _scan_heads(
-      project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, with_grads=True)
+      one_head, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, with_grads=True)
   # Weighted sums over heads, kept as residuals: one parameter-sized tree and (n, B, T, D).
   g_shared = jax.tree.map(lambda g: jnp.tensordot(head_w_N, g, axes=1), g_shared_N)
   g_h_NxBxTxD = g_h_NxBxTxD * head_w_N[:, None, None, None].astype(g_h_NxBxTxD.dtype)
@@ -99,8 +116,8 @@ def _fused_fwd(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_
   return (jnp.sum(head_w_N * losses_N), (losses_N, accs_N)), res
 
 
-def _fused_bwd(project, res, cotangents):
-  del project
+def _fused_bwd(one_head, res, cotangents):
+  del one_head
   g_shared, g_h_NxBxTxD, targets_NxBxT, weights_NxBxT, losses_N = res
   g_objective = cotangents[0]  # per-head losses and accuracies are metrics (no gradient)
   zeros_int = np.zeros(targets_NxBxT.shape, jax.dtypes.float0)
@@ -113,10 +130,16 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def heads_cross_entropy(project: Project, shared: dict, h_NxBxTxD: jnp.ndarray,
                         targets_NxBxT: jnp.ndarray, weights_NxBxT: jnp.ndarray,
-                        head_w_N) -> tuple[jnp.ndarray, dict]:
+                        head_w_N, head_loss: HeadLoss | None = None
+                        ) -> tuple[jnp.ndarray, dict]:
   """Memory-efficient L_n: (objective, {'loss': (n,), 'accuracy': (n,)}) with the gradients of
-  the objective equal to `heads_cross_entropy_naive`'s. Per-head metrics carry no gradient."""
-  objective, (losses_N, accs_N) = _fused(project, shared, h_NxBxTxD, targets_NxBxT,
+  the objective equal to `heads_cross_entropy_naive`'s. Per-head metrics carry no gradient.
+  `head_loss` replaces the cross entropy of `project`'s logits by a function computing one
+  head's (mean loss, accuracy) itself (the vocabulary-parallel loss: jaxtricks.train.vocab_loss).
+  """
+  _check_heads("heads_cross_entropy", h_NxBxTxD, targets_NxBxT, weights_NxBxT, head_w_N)
+  one_head = functools.partial(_head_loss, project) if head_loss is None else head_loss
+  objective, (losses_N, accs_N) = _fused(one_head, shared, h_NxBxTxD, targets_NxBxT,
                                          weights_NxBxT, jnp.asarray(head_w_N, jnp.float32))
   return objective, {"loss": jax.lax.stop_gradient(losses_N),
                      "accuracy": jax.lax.stop_gradient(accs_N)}
@@ -124,6 +147,8 @@ def heads_cross_entropy(project: Project, shared: dict, h_NxBxTxD: jnp.ndarray,
 
 def greedy_accepts(drafts_BxK: jnp.ndarray, predicted_BxK: jnp.ndarray) -> jnp.ndarray:
   """(B,) length of the longest prefix where drafts equal the next-token head's predictions."""
+  chex.assert_rank(drafts_BxK, 2, custom_message="greedy_accepts: drafts_BxK")
+  chex.assert_equal_shape([drafts_BxK, predicted_BxK], custom_message="greedy_accepts")
   match_BxK = (drafts_BxK == predicted_BxK).astype(jnp.int32)
   return jnp.sum(jnp.cumprod(match_BxK, axis=1), axis=1)
 
@@ -135,6 +160,9 @@ def speculative_accepts(p_BxKxV: jnp.ndarray, q_BxKxV: jnp.ndarray, drafts_BxK: 
 
   p: target probabilities at each draft's position; q: the drafting distributions.
   """
+  chex.assert_rank(p_BxKxV, 3, custom_message="speculative_accepts: p_BxKxV")
+  chex.assert_equal_shape([p_BxKxV, q_BxKxV], custom_message="speculative_accepts: p and q")
+  chex.assert_shape(drafts_BxK, p_BxKxV.shape[:2], custom_message="speculative_accepts: drafts")
   k_u, k_r = jax.random.split(rng)
   p_d = jnp.take_along_axis(p_BxKxV, drafts_BxK[..., None], axis=-1)[..., 0]
   q_d = jnp.take_along_axis(q_BxKxV, drafts_BxK[..., None], axis=-1)[..., 0]

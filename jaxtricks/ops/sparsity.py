@@ -16,6 +16,7 @@ dw = x^T dy + lambda_w (1 - mask) * w.
 XLA has no N:M sparse matmul on any backend, so `SPARSE_MATMULS` maps a backend name to a
 function computing a @ b with b N:M sparse along the contraction axis; the default multiplies the
 zero-filled dense matrix. A hardware kernel registers there; nothing here claims its speed.
+Shape contracts are chex assertions on static shapes (trace time).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import functools
 import math
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -59,6 +61,8 @@ def expected_extra_zeros(n: int, m: int) -> float:
 
 def double_prune(w_IxO: jnp.ndarray, row_mask_IxO: jnp.ndarray, n: int, m: int) -> jnp.ndarray:
   """w * R * C: the row-pruned weight additionally pruned N:M along the output axis."""
+  chex.assert_rank(w_IxO, 2, custom_message="double_prune: w_IxO")
+  chex.assert_equal_shape([w_IxO, row_mask_IxO], custom_message="double_prune: row_mask_IxO")
   w_r = jnp.where(row_mask_IxO, w_IxO, 0)
   return jnp.where(nm_mask(w_r, n, m, axis=1), w_r, 0)
 
@@ -71,6 +75,15 @@ def _masked_dense(a_RxK: jnp.ndarray, b_KxN: jnp.ndarray, n: int, m: int) -> jnp
 SPARSE_MATMULS: dict[str, Callable] = {"masked_dense": _masked_dense}
 
 
+def _check_linear(name: str, x_RxI, w_IxO, *masks_IxO) -> None:
+  """x (R, I) @ w (I, O); every mask given has w's shape."""
+  chex.assert_rank([x_RxI, w_IxO], 2, custom_message=f"{name}: x_RxI, w_IxO")
+  chex.assert_axis_dimension(x_RxI, 1, w_IxO.shape[0], custom_message=f"{name}: x_RxI")
+  masks = [mask for mask in masks_IxO if mask is not None]
+  if masks:
+    chex.assert_shape(masks, w_IxO.shape, custom_message=f"{name}: masks")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def slope_matmul(x_RxI: jnp.ndarray, w_IxO: jnp.ndarray, row_mask_IxO: jnp.ndarray, n: int,
                  m: int, scale: float = 1.0, backend: str = "masked_dense",
@@ -79,6 +92,7 @@ def slope_matmul(x_RxI: jnp.ndarray, w_IxO: jnp.ndarray, row_mask_IxO: jnp.ndarr
   rescales the kept weights (optional); `backend` names the N:M matmul in SPARSE_MATMULS;
   `col_mask_IxO` is a held transposed mask C (default: recomputed from w); double=False gives the
   exact input gradient dy (w * R)^T (an ablation of the double pruning)."""
+  _check_linear("slope_matmul", x_RxI, w_IxO, row_mask_IxO, col_mask_IxO)
   w_r = jnp.where(row_mask_IxO, w_IxO, 0).astype(x_RxI.dtype)
   return SPARSE_MATMULS[backend](x_RxI, w_r, n, m) * scale
 
@@ -110,10 +124,12 @@ def srste_matmul(x_RxI: jnp.ndarray, w_IxO: jnp.ndarray, n: int, m: int,
                  decay: float = 2e-4) -> jnp.ndarray:
   """SR-STE: y = x (w * mask), mask = top-N-of-M of the current |w| along I; the backward passes
   the dense gradient plus decay * (1 - mask) * w to the dense weights."""
+  _check_linear("srste_matmul", x_RxI, w_IxO)
   return x_RxI @ jnp.where(nm_mask(w_IxO, n, m, axis=0), w_IxO, 0).astype(x_RxI.dtype)
 
 
 def _srste_fwd(x_RxI, w_IxO, n, m, decay):
+  _check_linear("srste_matmul", x_RxI, w_IxO)
   mask_IxO = nm_mask(w_IxO, n, m, axis=0)
   y = x_RxI @ jnp.where(mask_IxO, w_IxO, 0).astype(x_RxI.dtype)
   return y, (x_RxI, w_IxO, mask_IxO)
@@ -163,6 +179,7 @@ def pack_bits(idx: jnp.ndarray, bits: int) -> jnp.ndarray:
 
 
 def unpack_bits(packed: jnp.ndarray, bits: int, count: int) -> jnp.ndarray:
+  chex.assert_rank(packed, 1, custom_message="unpack_bits: packed")
   per_byte = 8 // bits if 8 % bits == 0 else 1
   shifts = (jnp.arange(per_byte) * bits).astype(jnp.uint8)
   fields = (packed[:, None] >> shifts) & jnp.uint8((1 << bits) - 1)
@@ -182,6 +199,7 @@ def pack_float(idx: jnp.ndarray, bits: int) -> jnp.ndarray:
 
 
 def unpack_float(packed: jnp.ndarray, bits: int, count: int) -> jnp.ndarray:
+  chex.assert_rank(packed, 1, custom_message="unpack_float: packed")
   per = FLOAT_BITS // bits
   fields = (packed.astype(jnp.int32)[:, None] >> (jnp.arange(per) * bits)) & ((1 << bits) - 1)
   return fields.reshape(-1)[:count]
@@ -197,6 +215,7 @@ def kept_positions(mask: jnp.ndarray, n: int, m: int, axis: int) -> jnp.ndarray:
 def gather_kept(w: jnp.ndarray, pos_GxN: jnp.ndarray, m: int, axis: int) -> jnp.ndarray:
   """The kept values of w at `pos` (from kept_positions), with `axis` shrunk by N/M."""
   w_GxM, moved_shape = _grouped(w, m, axis)
+  chex.assert_shape(pos_GxN, (*w_GxM.shape[:-1], None), custom_message="gather_kept: pos_GxN")
   kept = jnp.take_along_axis(w_GxM, pos_GxN, axis=-1)
   return jnp.moveaxis(kept.reshape(*moved_shape[:-1], -1), -1, axis)
 
@@ -205,6 +224,9 @@ def scatter_kept(values: jnp.ndarray, pos_GxN: jnp.ndarray, n: int, m: int,
                  axis: int) -> jnp.ndarray:
   """Inverse of gather_kept: a dense array with `values` at the kept positions, zeros elsewhere."""
   v = jnp.moveaxis(values, axis, -1)
+  chex.assert_is_divisible(v.shape[-1], n, custom_message="scatter_kept: values along axis")
+  chex.assert_shape(pos_GxN, (*v.shape[:-1], v.shape[-1] // n, n),
+                    custom_message="scatter_kept: pos_GxN")
   v_GxN = v.reshape(*v.shape[:-1], v.shape[-1] // n, n)
   onehot_GxNxM = jax.nn.one_hot(pos_GxN, m, dtype=values.dtype)
   dense_GxM = jnp.einsum("...GN,...GNM->...GM", v_GxN, onehot_GxNxM)
@@ -214,6 +236,8 @@ def scatter_kept(values: jnp.ndarray, pos_GxN: jnp.ndarray, n: int, m: int,
 def compress_nm(w: jnp.ndarray, n: int, m: int, axis: int = 0,
                 mask: jnp.ndarray | None = None) -> NMCompressed:
   """Kept values and packed positions of w under `mask` (default: nm_mask of w)."""
+  if mask is not None:
+    chex.assert_equal_shape([w, mask], custom_message="compress_nm: mask")
   mask = nm_mask(w, n, m, axis) if mask is None else mask
   pos = kept_positions(mask, n, m, axis)
   return NMCompressed(gather_kept(w, pos, m, axis), pack_bits(pos, index_bits(m)),
@@ -223,6 +247,7 @@ def compress_nm(w: jnp.ndarray, n: int, m: int, axis: int = 0,
 def unpack_positions(packed: jnp.ndarray, shape: tuple[int, ...], n: int, m: int,
                      axis: int) -> jnp.ndarray:
   """The kept positions (..., G, n) of an N:M array of `shape` from their packed bits."""
+  chex.assert_rank(packed, 1, custom_message="unpack_positions: packed")
   moved = list(shape)
   moved.append(moved.pop(axis))
   groups = (*moved[:-1], moved[-1] // m, n)

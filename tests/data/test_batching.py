@@ -1,5 +1,6 @@
 """Deterministic batches: a pure function of (seed, step); process slices of one global batch."""
 
+import chex
 import numpy as np
 import pytest
 
@@ -16,8 +17,9 @@ def starts(batch):
 
 def assert_windows(batch, tokens=TOKENS, seq=SEQ):
   inputs, targets = batch["inputs"], batch["targets"]
-  assert inputs.shape == targets.shape and inputs.shape[1] == seq
-  assert inputs.dtype == np.int32 and targets.dtype == np.int32
+  chex.assert_equal_shape([inputs, targets])
+  chex.assert_axis_dimension(inputs, 1, seq)
+  chex.assert_type([inputs, targets], np.int32)
   for row_in, row_tg in zip(inputs, targets, strict=True):
     o = int(row_in[0])
     np.testing.assert_array_equal(row_in, tokens[o:o + seq])
@@ -37,8 +39,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step():
   train_batch(TOKENS, SEQ, BATCH, seed=3, step=5)  # no hidden state between calls
   c = train_batch(TOKENS, SEQ, BATCH, seed=3, step=17)
   for other in (b, c):
-    np.testing.assert_array_equal(a["inputs"], other["inputs"])
-    np.testing.assert_array_equal(a["targets"], other["targets"])
+    chex.assert_trees_all_equal((a["inputs"], a["targets"]), (other["inputs"], other["targets"]))
   assert_windows(a)
 
 
@@ -63,8 +64,7 @@ def test_process_slices_concatenate_to_the_global_batch(count):
   whole = train_batch(TOKENS, SEQ, BATCH, seed=7, step=9)
   parts = [train_batch(TOKENS, SEQ, BATCH, seed=7, step=9, process_index=i, process_count=count)
            for i in range(count)]
-  for key in ("inputs", "targets"):
-    np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+  chex.assert_trees_all_equal({k: np.concatenate([p[k] for p in parts]) for k in whole}, whole)
 
 
 def test_eval_batches_are_fixed_evenly_spaced_and_sliced_per_process():
@@ -78,8 +78,7 @@ def test_eval_batches_are_fixed_evenly_spaced_and_sliced_per_process():
   spacing = np.diff(offsets)
   assert spacing.max() - spacing.min() <= 1
   again = eval_batches(TOKENS, SEQ, 4, 3)
-  for b, c in zip(batches, again, strict=True):
-    np.testing.assert_array_equal(b["inputs"], c["inputs"])
+  chex.assert_trees_all_equal([b["inputs"] for b in batches], [c["inputs"] for c in again])
   halves = [eval_batches(TOKENS, SEQ, 4, 3, process_index=i, process_count=2) for i in range(2)]
   for j in range(3):
     np.testing.assert_array_equal(

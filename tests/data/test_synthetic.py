@@ -3,6 +3,7 @@ positions found again by decoding the text, determinism in (seed, step), process
 
 import re
 
+import chex
 import numpy as np
 import pytest
 
@@ -167,10 +168,9 @@ def names_in(prefix):
 def test_shapes_dtypes_and_shifted_targets(task):
   for batch in [task.train_batch(0, 0, BATCH, SEQ), *task.eval_batches(SEQ, BATCH, 2)]:
     assert set(batch) == {"inputs", "targets", "weights"}
-    assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape
-    assert batch["inputs"].shape == (BATCH, SEQ)
-    assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
-    assert batch["weights"].dtype == np.float32
+    chex.assert_shape([batch["inputs"], batch["targets"], batch["weights"]], (BATCH, SEQ))
+    chex.assert_type([batch["inputs"], batch["targets"], batch["weights"]],
+                     [np.int32, np.int32, np.float32])
     assert set(np.unique(batch["weights"])) <= {0.0, 1.0}
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     assert batch["inputs"].min() >= 0 and batch["inputs"].max() < 128
@@ -181,8 +181,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(task):
   a = task.train_batch(3, 17, BATCH, SEQ)
   task.train_batch(3, 5, BATCH, SEQ)  # no hidden state between calls
   b = make_task(task.name).train_batch(3, 17, BATCH, SEQ)
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key])
+  chex.assert_trees_all_equal(a, b)
   inputs = {task.train_batch(0, s, BATCH, SEQ)["inputs"].tobytes() for s in range(5)}
   assert len(inputs) == 5
   assert not np.array_equal(task.train_batch(0, 4, BATCH, SEQ)["inputs"],
@@ -196,18 +195,16 @@ def test_process_slices_concatenate_to_the_global_batch(task):
   for count in (2, 3):
     parts = [task.train_batch(2, 9, BATCH, SEQ, i, count) for i in range(count)]
     eval_parts = [task.eval_batches(SEQ, BATCH, 2, i, count) for i in range(count)]
-    for key in full:
-      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
-      for j in range(2):
-        np.testing.assert_array_equal(np.concatenate([p[j][key] for p in eval_parts]),
-                                      evals[j][key])
+    chex.assert_trees_all_equal({k: np.concatenate([p[k] for p in parts]) for k in full}, full)
+    for j in range(2):
+      chex.assert_trees_all_equal(
+          {k: np.concatenate([p[j][k] for p in eval_parts]) for k in evals[j]}, evals[j])
 
 
 @pytest.mark.parametrize("task", TASK_LIST, ids=lambda t: t.name)
 def test_eval_batches_are_fixed_and_apart_from_training(task):
   a, b = task.eval_batches(SEQ, BATCH, 3), task.eval_batches(SEQ, BATCH, 3)
-  for x, y in zip(a, b, strict=True):
-    np.testing.assert_array_equal(x["inputs"], y["inputs"])
+  chex.assert_trees_all_equal([x["inputs"] for x in a], [y["inputs"] for y in b])
   assert len({x["inputs"].tobytes() for x in a}) == 3
   train_rows = {row.tobytes() for seed in range(3) for step in range(3)
                 for row in task.train_batch(seed, step, BATCH, SEQ)["inputs"]}

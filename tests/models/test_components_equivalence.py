@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,20 +40,17 @@ def test_component_matches_the_stored_reference(name):
   shapes = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(
       model.init, jax.random.key(0), jnp.zeros((1, t), jnp.int32))["params"]))
   params_flat = stored(f"{name}/params")
-  assert {p: v.shape for p, v in params_flat.items()} == {p: v.shape for p, v in shapes.items()}
+  chex.assert_trees_all_equal_shapes(params_flat, shapes)
   params = traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in params_flat.items()})
   batch = fixture.case_inputs(cfg.vocab_size)
   train = TrainConfig(**CASES["train"])
   out = fixture.compute(model, params, batch, case["loss"], make_optimizer(train, model))
-  np.testing.assert_allclose(out["logits"], ARRAYS[f"{name}/logits"], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out["loss"], ARRAYS[f"{name}/loss"], rtol=1e-6)
+  chex.assert_trees_all_close(out["logits"], ARRAYS[f"{name}/logits"], rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(out["loss"], ARRAYS[f"{name}/loss"], rtol=1e-6)
   for what in ("grads", "updates"):
     expected = stored(f"{name}/{what}")
     got = {p: fixture.sketch(v) for p, v in traverse_util.flatten_dict(out[what]).items()}
-    assert set(got) == set(expected), what
-    for path, sk in got.items():
-      np.testing.assert_allclose(sk, expected[path], rtol=1e-4, atol=1e-6,
-                                 err_msg=f"{what} {'/'.join(path)}")
+    chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-6, custom_message=what)
   cache = init_cache(cfg, b, 16, cfg.mtp.heads)
   assert {k: list(np.shape(v)) for k, v in traverse_util.flatten_dict(cache, sep="/").items()
           } == case["cache"]

@@ -3,6 +3,7 @@ least-squares refit never returns NaN, and full-batch training fits a smooth fun
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,15 +40,16 @@ def test_layer_outputs_equal_the_sum_of_its_edges(basis, init_style):
   x = jnp.asarray(RNG.uniform(-1, 1, (5, 7, 2)), jnp.float32)
   variables = nn.unbox(layer.init(jax.random.key(0), x))
   y, phi = layer.apply(variables, x, return_edges=True)
-  assert y.shape == (5, 7, 3) and phi.shape == (35, 3, 2)
-  np.testing.assert_allclose(phi.sum(-1).reshape(5, 7, 3), y, rtol=1e-5, atol=1e-6)
+  chex.assert_shape([y, phi], [(5, 7, 3), (35, 3, 2)])
+  chex.assert_trees_all_close(phi.sum(-1).reshape(5, 7, 3), y, rtol=1e-5, atol=1e-6)
   p = variables["params"]
   j = n_basis(basis, 4, 3)
-  assert p["coef"].shape == (2, 3, j) and p["w_base"].shape == p["w_spline"].shape == (2, 3)
+  chex.assert_shape([p["coef"], p["w_base"], p["w_spline"]], [(2, 3, j), (2, 3), (2, 3)])
   if basis == "bspline":  # the knots sit in their own collection, uniform at init
-    np.testing.assert_allclose(variables["grid"]["knots"], kan.uniform_grid(2, 4, 3), atol=1e-6)
+    chex.assert_trees_all_close(variables["grid"]["knots"], kan.uniform_grid(2, 4, 3),
+                                rtol=1e-7, atol=1e-6)
     params_only = layer.apply({"params": p}, x)
-    np.testing.assert_allclose(params_only, y, rtol=1e-6)
+    chex.assert_trees_all_close(params_only, y, rtol=1e-6)
 
 
 def test_bad_layer_options_are_refused():
@@ -67,7 +69,7 @@ def trained():
 
 def test_lbfgs_fits_the_function(trained):
   _, _, losses = trained
-  assert losses.shape == (60,)
+  chex.assert_shape(losses, (60,))
   assert float(losses[-1]) < 0.05 * float(losses[0])
 
 
@@ -76,7 +78,8 @@ def test_iters_per_step_counts_pykan_steps():
   variables = init_variables(model, jax.random.key(0))
   _, losses = fit(model, variables, X, Y, 3, iters_per_step=4, update_grid_every=1,
                   update_grid_until=2)
-  assert losses.shape == (12,) and float(losses[-1]) < float(losses[0])
+  chex.assert_shape(losses, (12,))
+  assert float(losses[-1]) < float(losses[0])
   with pytest.raises(ValueError, match="iters_per_step"):
     fit(model, variables, X, Y, 3, iters_per_step=0)
 
@@ -93,8 +96,8 @@ def test_grid_update_and_extension_keep_the_function(trained, grid_size):
   model, variables, _ = trained
   new_model, new_vars = refine(model, variables, X, grid_size=grid_size)
   assert new_model.grid_size == grid_size
-  assert new_vars["params"]["layer_0"]["coef"].shape == (2, 1, grid_size + 3)
-  assert new_vars["grid"]["layer_1"]["knots"].shape == (1, grid_size + 7)
+  chex.assert_shape(new_vars["params"]["layer_0"]["coef"], (2, 1, grid_size + 3))
+  chex.assert_shape(new_vars["grid"]["layer_1"]["knots"], (1, grid_size + 7))
   before = model.apply(variables, X)
   after = new_model.apply(new_vars, X)
   # The refit is least squares on the samples; going finer it is nearly exact, while moving a
@@ -113,9 +116,8 @@ def test_refit_never_returns_nan(trained, case):
        "outliers": X.at[:3].set(jnp.asarray([[1e4, -1e4], [-1e3, 5e3], [0.0, 1e5]])),
        "all equal": jnp.zeros((64, 2))}[case]
   new_model, new_vars = refine(model, variables, x, grid_size=5)
-  for leaf in jax.tree.leaves(new_vars):
-    assert bool(jnp.all(jnp.isfinite(leaf))), case
-  assert bool(jnp.all(jnp.isfinite(new_model.apply(new_vars, X))))
+  chex.assert_tree_all_finite(new_vars, custom_message=case)
+  chex.assert_tree_all_finite(new_model.apply(new_vars, X))
 
 
 def test_least_squares_against_numpy_and_rank_deficient():
@@ -124,9 +126,9 @@ def test_least_squares_against_numpy_and_rank_deficient():
   c = kan.solve_least_squares(jnp.asarray(a), jnp.asarray(y), ridge=0.0)
   for b in range(3):
     ref = np.linalg.lstsq(a[b], y[b], rcond=None)[0]
-    np.testing.assert_allclose(c[b], ref, rtol=1e-3, atol=1e-4)
+    chex.assert_trees_all_close(c[b], ref, rtol=1e-3, atol=1e-4)
   singular = jnp.zeros((1, 10, 4))
-  assert bool(jnp.all(jnp.isfinite(kan.solve_least_squares(singular, jnp.ones((1, 10, 1))))))
+  chex.assert_tree_all_finite(kan.solve_least_squares(singular, jnp.ones((1, 10, 1))))
 
 
 def test_refine_needs_bsplines(trained):
@@ -146,13 +148,14 @@ def test_kan_feed_forward_in_the_transformer_trains():
   tokens = jnp.asarray(RNG.integers(0, 32, (4, 17)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
-  assert params["block_0"]["mlp"]["up"]["coef"].shape == (32, 16, 4 + 3)
+  chex.assert_shape(params["block_0"]["mlp"]["up"]["coef"], (32, 16, 4 + 3))
   loss = jax.jit(jax.value_and_grad(lambda p: LOSSES["lm"](model, p, batch)[0]))
   first, _ = loss(params)
   for _ in range(5):
     value, grads = loss(params)
     params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
-  assert bool(jnp.isfinite(value)) and float(loss(params)[0]) < float(first)
+  chex.assert_tree_all_finite(value)
+  assert float(loss(params)[0]) < float(first)
 
 
 def _with_dead_hidden_nodes(model, variables, dead):
@@ -169,10 +172,11 @@ def test_prune_removes_dead_nodes_and_keeps_the_function():
   variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
   small, small_vars, kept = prune(model, variables, X)
   assert small.widths == (2, 2, 1) and kept[1] == [0, 2]
-  np.testing.assert_allclose(small.apply(small_vars, X), model.apply(variables, X), rtol=1e-5,
-                             atol=1e-6)
+  chex.assert_trees_all_close(small.apply(small_vars, X), model.apply(variables, X), rtol=1e-5,
+                              atol=1e-6)
   one_input, vars_1, _ = prune(model, variables, X, keep_inputs=[0])
-  assert one_input.widths[0] == 1 and vars_1["grid"]["layer_0"]["knots"].shape[0] == 1
+  assert one_input.widths[0] == 1
+  chex.assert_axis_dimension(vars_1["grid"]["layer_0"]["knots"], 0, 1)
 
 
 def test_prune_with_edge_threshold_drops_a_weak_node():
@@ -189,9 +193,9 @@ def test_prune_with_edge_threshold_drops_a_weak_node():
   # the result equals the full network with every edge scoring <= threshold switched off
   grid = {name: dict(g, mask=jnp.asarray((e > threshold).T, jnp.float32))
           for (name, g), e in zip(sorted(variables["grid"].items()), edges, strict=True)}
-  np.testing.assert_allclose(small.apply(small_vars, X),
-                             model.apply({"params": variables["params"], "grid": grid}, X),
-                             rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(small.apply(small_vars, X),
+                              model.apply({"params": variables["params"], "grid": grid}, X),
+                              rtol=1e-5, atol=1e-6)
 
 
 def test_regularisation_and_attribution():
@@ -202,13 +206,15 @@ def test_regularisation_and_attribution():
     reg = Regularizer(model, lamb=1.0, form=form, entropy=entropy)
     value = reg(variables["params"], variables["grid"], X)
     grads = jax.grad(reg)(variables["params"], variables["grid"], X)
-    assert float(value) > 0 and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert float(value) > 0
+    chex.assert_tree_all_finite(grads)
   # pykan's entropy: a layer with one edge per node has none; spreading a node's mass adds some
   one_hot, spread = jnp.eye(2), jnp.full((2, 2), 0.5)
   ent = lambda a: float(l1_and_entropy([a], "pykan")[1])
   assert ent(spread) > ent(one_hot) + 0.1
   nodes, edges = attribution(model, variables, X)
-  assert [len(s) for s in nodes] == [2, 5, 1] and edges[0].shape == (5, 2)
+  assert [len(s) for s in nodes] == [2, 5, 1]
+  chex.assert_shape(edges[0], (5, 2))
   assert np.all(nodes[1][[1, 3, 4]] < 1e-6) and np.all(nodes[1][[0, 2]] > 1e-3)
   # Regularised training shrinks the edges' total magnitude.
   l1 = lambda v: float(sum(jnp.sum(a) for a in edge_l1(model, v, X)))
@@ -222,9 +228,10 @@ def test_prune_edges_masks_small_edges_for_good():
   model = KAN((2, 5, 1), grid_size=4)
   variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])
   masked = prune_edges(model, variables, X, edge_threshold=1e-6)  # only the dead edges
-  assert masked["grid"]["layer_0"]["mask"].shape == (2, 5)
+  chex.assert_shape(masked["grid"]["layer_0"]["mask"], (2, 5))
   assert float(masked["grid"]["layer_0"]["mask"][:, 1].sum()) == 0.0
-  np.testing.assert_allclose(model.apply(masked, X), model.apply(variables, X), atol=1e-6)
+  chex.assert_trees_all_close(model.apply(masked, X), model.apply(variables, X), rtol=1e-7,
+                              atol=1e-6)
   trained, _ = fit(model, masked, X, Y, 5, optimizer="adam", lr=1e-1)
   _, edges = attribution(model, trained, X)
   assert np.all(edges[0][1] == 0.0)  # a masked edge stays off through training
@@ -244,7 +251,7 @@ def test_kan_blocks_regulariser_is_a_loss_term():
   (objective, metrics), grads = value_and_grad(model)(params)
   (data, plain_metrics), plain_grads = value_and_grad(plain_model)(params)
   assert "kan_reg" not in plain_metrics and "objective" not in plain_metrics
-  np.testing.assert_allclose(metrics["loss"], data, rtol=1e-6)
+  chex.assert_trees_all_close(metrics["loss"], data, rtol=1e-6)
   l1, entropy = 0.0, 0.0
   for name in ("block_0", "block_1"):
     for layer in ("up", "down"):
@@ -255,13 +262,13 @@ def test_kan_blocks_regulariser_is_a_loss_term():
         share = mag / (mag.sum(axis=axis, keepdims=True) + 1.0)
         entropy -= np.mean(np.sum(share * np.log2(share + 1e-4), axis=axis))
   expected = 1e-3 * (l1 + 2.0 * entropy)
-  np.testing.assert_allclose(metrics["kan_reg"], expected, rtol=1e-5)
-  np.testing.assert_allclose(objective, data + expected, rtol=1e-5)
-  np.testing.assert_allclose(metrics["objective"], objective, rtol=1e-6)
+  chex.assert_trees_all_close(metrics["kan_reg"], expected, rtol=1e-5)
+  chex.assert_trees_all_close(objective, data + expected, rtol=1e-5)
+  chex.assert_trees_all_close(metrics["objective"], objective, rtol=1e-6)
   assert not np.allclose(grads["block_0"]["mlp"]["up"]["coef"],
                          plain_grads["block_0"]["mlp"]["up"]["coef"])
-  np.testing.assert_allclose(grads["embed"]["embedding"], plain_grads["embed"]["embedding"],
-                             rtol=1e-6, atol=1e-9)
+  chex.assert_trees_all_close(grads["embed"]["embedding"], plain_grads["embed"]["embedding"],
+                              rtol=1e-6, atol=1e-9)
 
 
 def kan_lm_config():

@@ -1,7 +1,7 @@
 """Multi-token heads on the Transformer: parameters, stripping, causality, compute matching, and
 the efficient loss against the naive one through the registered losses."""
 
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,12 +35,13 @@ def test_heads_have_their_own_parameters_and_states(built):
   model, params, tokens = built
   assert {"mtp_1", "mtp_2", "block_0", "block_1"} <= set(params)
   h = model.apply({"params": params}, tokens, method="heads_hidden")
-  assert h.shape == (3, 2, T, 32) and bool(jnp.all(jnp.isfinite(h)))
+  chex.assert_shape(h, (3, 2, T, 32))
+  chex.assert_tree_all_finite(h)
   logits = model.apply({"params": params}, h[1], method="project")
-  assert logits.shape == (2, T, 32)
+  chex.assert_shape(logits, (2, T, 32))
   # Head 1 is the ordinary next-token path.
-  np.testing.assert_allclose(model.apply({"params": params}, h[0], method="project"),
-                             model.apply({"params": params}, tokens), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(model.apply({"params": params}, h[0], method="project"),
+                              model.apply({"params": params}, tokens), rtol=1e-6, atol=1e-6)
 
 
 def test_stripping_heads_leaves_the_plain_language_model(built):
@@ -49,9 +50,9 @@ def test_stripping_heads_leaves_the_plain_language_model(built):
   plain = {k: v for k, v in params.items() if not k.startswith("mtp_")}
   plain_model = Transformer(plain_cfg)
   expected = plain_model.init(jax.random.key(0), tokens)["params"]
-  assert jax.tree.structure(expected) == jax.tree.structure(plain)
-  np.testing.assert_array_equal(plain_model.apply({"params": plain}, tokens),
-                                model.apply({"params": params}, tokens))
+  chex.assert_trees_all_equal_structs(expected, plain)
+  chex.assert_trees_all_equal(plain_model.apply({"params": plain}, tokens),
+                              model.apply({"params": params}, tokens))
 
 
 def test_heads_are_causal(built):
@@ -65,7 +66,7 @@ def test_heads_are_causal(built):
     last_read = t + i if sequential else t
     changed = tokens.at[:, last_read + 1:].set((tokens[:, last_read + 1:] + 1) % 32)
     h2 = model.apply({"params": params}, changed, method="heads_hidden")
-    np.testing.assert_allclose(h2[i, :, t], h[i, :, t], rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(h2[i, :, t], h[i, :, t], rtol=1e-6, atol=1e-6)
     seen = tokens.at[:, last_read].set((tokens[:, last_read] + 1) % 32)
     h3 = model.apply({"params": params}, seen, method="heads_hidden")
     assert not np.allclose(h3[i, :, t], h[i, :, t])
@@ -81,21 +82,19 @@ def test_efficient_loss_gradients_equal_naive_through_the_model(kind):
     (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
     out[name] = loss, grads
     assert set(metrics) >= {"loss", "accuracy", "loss_head1", "loss_head3", "accuracy_head3"}
-    np.testing.assert_allclose(
+    chex.assert_trees_all_close(
         loss, metrics["loss_head1"] + 0.15 * (metrics["loss_head2"] + metrics["loss_head3"]),
         rtol=1e-6)
-  np.testing.assert_allclose(out["mtp"][0], out["mtp_naive"][0], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(out["mtp"][1]), jax.tree.leaves(out["mtp_naive"][1]),
-                  strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(out["mtp"][0], out["mtp_naive"][0], rtol=1e-6)
+  chex.assert_trees_all_close(out["mtp"][1], out["mtp_naive"][1], rtol=1e-4, atol=1e-6)
 
 
 def test_one_head_mtp_loss_is_the_lm_loss():
   cfg = override(BASE, {"mtp.heads": 1})
   model, params, tokens = _init(cfg)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  np.testing.assert_allclose(LOSSES["mtp"](model, params, batch)[0],
-                             LOSSES["lm"](model, params, batch)[0], rtol=1e-6)
+  chex.assert_trees_all_close(LOSSES["mtp"](model, params, batch)[0],
+                              LOSSES["lm"](model, params, batch)[0], rtol=1e-6)
 
 
 def test_compute_matched_removes_trunk_layers():

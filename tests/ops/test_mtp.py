@@ -1,27 +1,16 @@
 """Multi-token prediction maths: target shifting, head weights, the memory-efficient loss against
-the naive one, and the speculative acceptance rules against hand cases and a sampling test."""
+the naive one, and the speculative acceptance rules against hand cases and a sampling test; the
+chex shape contracts. Shifting, the custom-VJP loss and the acceptance rules run eagerly and
+under jit (chex variants)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from jaxtricks.ops import mtp
-
-
-def test_shift_targets_masks_positions_past_the_end():
-  targets = np.arange(10).reshape(2, 5)
-  weights = np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], np.float32)
-  t, w = mtp.shift_targets(jnp.asarray(targets), jnp.asarray(weights), 3)
-  assert t.shape == w.shape == (3, 2, 5)
-  for i in range(3):  # head i + 1 at position p reads target p + i
-    for p in range(5):
-      expect_w = weights[:, p + i] if p + i < 5 else np.zeros(2)
-      np.testing.assert_array_equal(w[i, :, p], expect_w)
-      if p + i < 5:
-        np.testing.assert_array_equal(t[i, :, p], targets[:, p + i])
-  _, w_default = mtp.shift_targets(jnp.asarray(targets), None, 2)
-  np.testing.assert_array_equal(w_default[1], [[1, 1, 1, 1, 0]] * 2)
 
 
 def test_head_weights():
@@ -37,8 +26,17 @@ def _problem(n=3, b=2, t=6, d=8, v=11, seed=0):
   h = jnp.asarray(rng.normal(size=(n, b, t, d)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, v, (n, b, t)), jnp.int32)
   weights = jnp.asarray(rng.random((n, b, t)) > 0.3, jnp.float32)
-  project = lambda p, h_BxTxD: jnp.tanh(h_BxTxD * p["s"]) @ p["w"]
-  return project, shared, h, targets, weights
+  return _project, shared, h, targets, weights
+
+
+def _project(p, h_BxTxD):
+  return jnp.tanh(h_BxTxD * p["s"]) @ p["w"]
+
+
+def _value_and_grads(fn, shared, h, targets, weights, head_w):
+  """(objective, metrics) and the gradients for the shared parameters and the head states."""
+  f = lambda s, x: fn(_project, s, x, targets, weights, head_w)  # noqa: E731
+  return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(shared, h)
 
 
 def _numpy_objective(shared, h, targets, weights, head_w):
@@ -53,21 +51,83 @@ def _numpy_objective(shared, h, targets, weights, head_w):
   return total
 
 
-@pytest.mark.parametrize("lam", [0.0, 0.3])
-def test_efficient_loss_and_gradients_equal_naive(lam):
-  project, shared, h, targets, weights = _problem()
-  head_w = mtp.head_weights(3, lam)
-  grads = {}
-  for name, fn in (("naive", mtp.heads_cross_entropy_naive), ("fused", mtp.heads_cross_entropy)):
-    f = lambda s, x, fn=fn: fn(project, s, x, targets, weights, head_w)
-    (value, metrics), g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(shared, h)
-    np.testing.assert_allclose(value, _numpy_objective(shared, h, targets, weights, head_w),
-                               rtol=1e-5)
-    assert metrics["loss"].shape == metrics["accuracy"].shape == (3,)
-    np.testing.assert_allclose(jnp.sum(head_w * metrics["loss"]), value, rtol=1e-6)
-    grads[name] = g
-  for a, b in zip(jax.tree.leaves(grads["naive"]), jax.tree.leaves(grads["fused"]), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+class MTPVariantsTest(chex.TestCase):
+  """Eager and jitted: Python loops over heads, the custom-VJP scan, the acceptance rules."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shift_targets_masks_positions_past_the_end(self):
+    targets = np.arange(10).reshape(2, 5)
+    weights = np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], np.float32)
+    shift = self.variant(mtp.shift_targets, static_argnums=2)
+    t, w = shift(jnp.asarray(targets), jnp.asarray(weights), 3)
+    chex.assert_shape([t, w], (3, 2, 5))
+    for i in range(3):  # head i + 1 at position p reads target p + i
+      for p in range(5):
+        expect_w = weights[:, p + i] if p + i < 5 else np.zeros(2)
+        chex.assert_trees_all_equal(w[i, :, p], expect_w)
+        if p + i < 5:
+          chex.assert_trees_all_equal(t[i, :, p], targets[:, p + i])
+    _, w_default = shift(jnp.asarray(targets), None, 2)
+    chex.assert_trees_all_equal(w_default[1], np.array([[1, 1, 1, 1, 0]] * 2))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0.0, 0.3)
+  def test_efficient_loss_and_gradients_equal_naive(self, lam):
+    _, shared, h, targets, weights = _problem()
+    head_w = mtp.head_weights(3, lam)
+    grads = {}
+    for name, fn in (("naive", mtp.heads_cross_entropy_naive),
+                     ("fused", mtp.heads_cross_entropy)):
+      (value, metrics), g = self.variant(_value_and_grads, static_argnums=0)(
+          fn, shared, h, targets, weights, head_w)
+      chex.assert_trees_all_close(value, _numpy_objective(shared, h, targets, weights, head_w),
+                                  rtol=1e-5)
+      chex.assert_shape([metrics["loss"], metrics["accuracy"]], (3,))
+      chex.assert_trees_all_close(jnp.sum(head_w * metrics["loss"]), value, rtol=1e-6)
+      grads[name] = g
+    chex.assert_trees_all_close(grads["naive"], grads["fused"], rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_greedy_accepts_counts_the_matching_prefix(self):
+    accepts = self.variant(mtp.greedy_accepts)
+    drafts = jnp.array([[1, 2, 3], [1, 2, 3], [1, 2, 3], [5, 2, 3]])
+    predicted = jnp.array([[1, 2, 3], [1, 2, 9], [1, 9, 3], [1, 2, 3]])
+    chex.assert_trees_all_equal(accepts(drafts, predicted), jnp.array([3, 2, 1, 0]))
+    none = jnp.zeros((2, 0), jnp.int32)
+    assert accepts(none, none).tolist() == [0, 0]
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_speculative_accepts_hand_cases(self):
+    accepts = self.variant(mtp.speculative_accepts)
+    p = jnp.array([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # target is certain: token 1, then 2
+    q = jnp.array([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
+    n, resample = accepts(p, q, jnp.array([[1, 0]]), jax.random.key(0))
+    assert int(n[0]) == 1 and int(resample[0]) == 2  # second draft impossible under p
+    n, _ = accepts(p, p, jnp.array([[1, 2]]), jax.random.key(0))
+    assert int(n[0]) == 2
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shape_contracts_are_checked_while_tracing(self):
+    project, shared, h, targets, weights = _problem()
+    for fn in (mtp.heads_cross_entropy_naive, mtp.heads_cross_entropy):
+      f = self.variant(lambda h, t, w, hw, fn=fn: fn(project, shared, h, t, w, hw))
+      name = fn.__name__
+      with pytest.raises(AssertionError, match=rf"\[{name}: h_NxBxTxD\]"):
+        f(h[0], targets, weights, np.ones(3))
+      with pytest.raises(AssertionError, match=rf"\[{name}: targets_NxBxT, weights_NxBxT\]"):
+        f(h, targets[:, :, :4], weights, np.ones(3))
+      with pytest.raises(AssertionError, match=rf"\[{name}: head_w_N\]"):
+        f(h, targets, weights, np.ones(2))
+    with pytest.raises(AssertionError, match=r"\[shift_targets: weights\]"):
+      self.variant(mtp.shift_targets, static_argnums=2)(targets[0], weights[0, :1], 2)
+    with pytest.raises(AssertionError, match=r"\[greedy_accepts\]"):
+      self.variant(mtp.greedy_accepts)(jnp.zeros((2, 3)), jnp.zeros((2, 2)))
+    p = jnp.full((1, 2, 3), 1 / 3)
+    accepts = self.variant(mtp.speculative_accepts)
+    with pytest.raises(AssertionError, match=r"\[speculative_accepts: p and q\]"):
+      accepts(p, p[..., :2], jnp.zeros((1, 2), jnp.int32), jax.random.key(0))
+    with pytest.raises(AssertionError, match=r"\[speculative_accepts: drafts\]"):
+      accepts(p, p, jnp.zeros((1, 3), jnp.int32), jax.random.key(0))
 
 
 def test_efficient_loss_scales_with_the_output_cotangent_and_jits():
@@ -75,8 +135,8 @@ def test_efficient_loss_scales_with_the_output_cotangent_and_jits():
   f = lambda s: 2.5 * mtp.heads_cross_entropy(project, s, h, targets, weights, np.ones(3))[0]
   g = lambda s: 2.5 * mtp.heads_cross_entropy_naive(project, s, h, targets, weights,
                                                      np.ones(3))[0]
-  np.testing.assert_allclose(jax.jit(jax.grad(f))(shared)["w"], jax.grad(g)(shared)["w"],
-                             rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(jax.jit(jax.grad(f))(shared)["w"], jax.grad(g)(shared)["w"],
+                              rtol=1e-5, atol=1e-6)
 
 
 def test_efficient_loss_needs_a_third_of_the_temporary_memory():
@@ -85,23 +145,6 @@ def test_efficient_loss_needs_a_third_of_the_temporary_memory():
   logits = 256 * 4096 * 4
   assert naive >= 4 * logits  # every head's logits at once
   assert fused <= 0.4 * naive, (fused, naive)
-
-
-def test_greedy_accepts_counts_the_matching_prefix():
-  drafts = jnp.array([[1, 2, 3], [1, 2, 3], [1, 2, 3], [5, 2, 3]])
-  predicted = jnp.array([[1, 2, 3], [1, 2, 9], [1, 9, 3], [1, 2, 3]])
-  np.testing.assert_array_equal(mtp.greedy_accepts(drafts, predicted), [3, 2, 1, 0])
-  assert mtp.greedy_accepts(jnp.zeros((2, 0), jnp.int32), jnp.zeros((2, 0), jnp.int32)).tolist() \
-      == [0, 0]
-
-
-def test_speculative_accepts_hand_cases():
-  p = jnp.array([[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # target is certain: token 1, then 2
-  q = jnp.array([[[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
-  n, resample = mtp.speculative_accepts(p, q, jnp.array([[1, 0]]), jax.random.key(0))
-  assert int(n[0]) == 1 and int(resample[0]) == 2  # second draft impossible under p
-  n, _ = mtp.speculative_accepts(p, p, jnp.array([[1, 2]]), jax.random.key(0))
-  assert int(n[0]) == 2
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

@@ -1,11 +1,15 @@
-"""N:M masks, the double-pruned and SR-STE linears and compressed storage against numpy."""
+"""N:M masks, the double-pruned and SR-STE linears and compressed storage against numpy; the
+chex shape contracts. The custom-VJP linears, the mask checks and the compressed round trip run
+eagerly and under jit (chex variants)."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,20 +42,13 @@ def test_nm_mask_properties(nm, axis, ties, seed):
   if ties:  # few distinct magnitudes, both signs
     w = np.round(w) * 0.5
   mask = np.asarray(_nm_mask(jnp.asarray(w), n, m, axis))
-  np.testing.assert_array_equal(mask, np_nm_mask(w, n, m, axis))
+  chex.assert_trees_all_equal(mask, np_nm_mask(w, n, m, axis))
   grouped = np.moveaxis(mask, axis, -1).reshape(-1, m)
   assert (grouped.sum(-1) == n).all()  # every group keeps exactly n
   a = np.moveaxis(np.abs(w), axis, -1).reshape(-1, m)
   kept_min = np.where(grouped, a, np.inf).min(-1)
   dropped_max = np.where(grouped, -np.inf, a).max(-1)
   assert (kept_min >= dropped_max).all()  # no dropped entry is larger than a kept one
-
-
-def test_nm_mask_errors():
-  with pytest.raises(ValueError, match="0 < n <= m"):
-    sparsity.nm_mask(jnp.ones((8, 2)), 5, 4)
-  with pytest.raises(ValueError, match="not divisible"):
-    sparsity.nm_mask(jnp.ones((6, 2)), 2, 4)
 
 
 def test_expected_extra_zeros_formula():
@@ -78,45 +75,98 @@ def np_double_pruned(w, row, n, m):
   return np.where(np_nm_mask(w_r, n, m, axis=1), w_r, 0)
 
 
-@pytest.mark.parametrize("rescale", [False, True])
-def test_slope_matmul_forward_and_gradients(rescale):
-  n, m = 2, 4
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((5, 16)).astype(np.float32)
-  w = rng.standard_normal((16, 8)).astype(np.float32)
-  dy = rng.standard_normal((5, 8)).astype(np.float32)
-  row = np_nm_mask(w, n, m, 0)
-  scale = m / n if rescale else 1.0
-  f = lambda x, w: sparsity.slope_matmul(x, w, jnp.asarray(row), n, m, scale)  # noqa: E731
-  y, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
-  dx, dw = vjp(jnp.asarray(dy))
-  np.testing.assert_allclose(y, x @ np.where(row, w, 0) * scale, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, (x.T @ dy) * row * scale, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dx, dy @ np_double_pruned(w, row, n, m).T * scale, rtol=1e-5,
-                             atol=1e-5)
-  # the input gradient differs from the exact one: double pruning drops some of W^R
-  exact = dy @ np.where(row, w, 0).T * scale
-  assert not np.allclose(dx, exact)
-  # ... which the ablation (double=False) computes, with the same weight gradient
-  g = lambda x, w: sparsity.slope_matmul(x, w, jnp.asarray(row), n, m, scale,  # noqa: E731
-                                         "masked_dense", False)
-  dx_exact, dw_exact = jax.vjp(g, jnp.asarray(x), jnp.asarray(w))[1](jnp.asarray(dy))
-  np.testing.assert_allclose(dx_exact, exact, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw_exact, dw, rtol=1e-6)
+def _slope_vjp(x, w, dy, row, n, m, scale, double):
+  """y and (dx, dw) of the double-pruned linear (or of the exact ablation, double=False)."""
+  f = lambda x, w: sparsity.slope_matmul(x, w, row, n, m, scale, "masked_dense", double)  # noqa: E731
+  y, vjp = jax.vjp(f, x, w)
+  return y, *vjp(dy)
 
 
-def test_srste_matmul_forward_and_gradients():
-  n, m, decay = 2, 4, 0.1
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((6, 8)).astype(np.float32)
-  w = rng.standard_normal((8, 4)).astype(np.float32)
-  dy = rng.standard_normal((6, 4)).astype(np.float32)
-  mask = np_nm_mask(w, n, m, 0)
+def _srste_vjp(x, w, dy, n, m, decay):
   y, vjp = jax.vjp(lambda x, w: sparsity.srste_matmul(x, w, n, m, decay), x, w)
-  dx, dw = vjp(jnp.asarray(dy))
-  np.testing.assert_allclose(y, x @ (w * mask), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dx, dy @ (w * mask).T, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(dw, x.T @ dy + decay * (1 - mask) * w, rtol=1e-5, atol=1e-5)
+  return y, *vjp(dy)
+
+
+class SparsityVariantsTest(chex.TestCase):
+  """Eager and jitted: the custom VJPs, mask checks and the compressed format's reshapes."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_nm_mask_errors(self):
+    nm_mask = self.variant(sparsity.nm_mask, static_argnums=(1, 2, 3))
+    with pytest.raises(ValueError, match="0 < n <= m"):
+      nm_mask(jnp.ones((8, 2)), 5, 4, 0)
+    with pytest.raises(ValueError, match="not divisible"):
+      nm_mask(jnp.ones((6, 2)), 2, 4, 0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(False, True)
+  def test_slope_matmul_forward_and_gradients(self, rescale):
+    n, m = 2, 4
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    dy = rng.standard_normal((5, 8)).astype(np.float32)
+    row = np_nm_mask(w, n, m, 0)
+    scale = m / n if rescale else 1.0
+    slope = self.variant(_slope_vjp, static_argnums=(4, 5, 6, 7))
+    y, dx, dw = slope(x, w, dy, row, n, m, scale, True)
+    chex.assert_trees_all_close(y, x @ np.where(row, w, 0) * scale, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(dw, (x.T @ dy) * row * scale, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(dx, dy @ np_double_pruned(w, row, n, m).T * scale, rtol=1e-5,
+                                atol=1e-5)
+    # the input gradient differs from the exact one: double pruning drops some of W^R
+    exact = dy @ np.where(row, w, 0).T * scale
+    assert not np.allclose(dx, exact)
+    # ... which the ablation (double=False) computes, with the same weight gradient
+    _, dx_exact, dw_exact = slope(x, w, dy, row, n, m, scale, False)
+    chex.assert_trees_all_close(dx_exact, exact, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(dw_exact, dw, rtol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_srste_matmul_forward_and_gradients(self):
+    n, m, decay = 2, 4, 0.1
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    dy = rng.standard_normal((6, 4)).astype(np.float32)
+    mask = np_nm_mask(w, n, m, 0)
+    y, dx, dw = self.variant(_srste_vjp, static_argnums=(3, 4, 5))(x, w, dy, n, m, decay)
+    chex.assert_trees_all_close(y, x @ (w * mask), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(dx, dy @ (w * mask).T, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(dw, x.T @ dy + decay * (1 - mask) * w, rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(((16, 6), 2, 4, 0), ((3, 8, 5), 1, 2, 1), ((4, 16), 2, 8, 1),
+                            ((8, 2, 3), 3, 4, 0))
+  def test_compress_round_trip(self, shape, n, m, axis):
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    mask = sparsity.nm_mask(w, n, m, axis)
+    c = self.variant(sparsity.compress_nm, static_argnums=(1, 2, 3))(w, n, m, axis)
+    expected_shape = list(shape)
+    expected_shape[axis] = shape[axis] * n // m
+    chex.assert_shape(c.values, tuple(expected_shape))
+    chex.assert_type(c.packed, jnp.uint8)
+    chex.assert_trees_all_equal(self.variant(sparsity.decompress_nm)(c), jnp.where(mask, w, 0))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shape_contracts_are_checked_while_tracing(self):
+    x, w = jnp.ones((3, 8)), jnp.ones((8, 4))
+    row = jnp.ones((8, 4), bool)
+    slope = self.variant(sparsity.slope_matmul, static_argnums=(3, 4))
+    with pytest.raises(AssertionError, match=r"\[slope_matmul: x_RxI\]"):
+      slope(x[:, :4], w, row, 2, 4)
+    with pytest.raises(AssertionError, match=r"\[slope_matmul: masks\]"):
+      slope(x, w, row[:4], 2, 4)
+    with pytest.raises(AssertionError, match=r"\[srste_matmul: x_RxI, w_IxO\]"):
+      self.variant(sparsity.srste_matmul, static_argnums=(2, 3))(x, w[None], 2, 4)
+    with pytest.raises(AssertionError, match=r"\[double_prune: row_mask_IxO\]"):
+      self.variant(sparsity.double_prune, static_argnums=(2, 3))(w, row.T, 2, 4)
+    pos = jnp.zeros((2, 4, 2), jnp.int32)  # (G, O, n) in place of (O, G, n)
+    with pytest.raises(AssertionError, match=r"\[gather_kept: pos_GxN\]"):
+      self.variant(sparsity.gather_kept, static_argnums=(2, 3))(w, pos, 4, 0)
+    with pytest.raises(AssertionError, match=r"\[scatter_kept: pos_GxN\]"):
+      self.variant(sparsity.scatter_kept, static_argnums=(2, 3, 4))(w[:4], pos, 2, 4, 0)
 
 
 def test_backend_seam_is_used_forward_and_backward():
@@ -136,19 +186,6 @@ def test_backend_seam_is_used_forward_and_backward():
   assert calls == [((3, 8), (8, 4)), ((3, 4), (4, 8))]
 
 
-@pytest.mark.parametrize("shape,n,m,axis", [((16, 6), 2, 4, 0), ((3, 8, 5), 1, 2, 1),
-                                            ((4, 16), 2, 8, 1), ((8, 2, 3), 3, 4, 0)])
-def test_compress_round_trip(shape, n, m, axis):
-  rng = np.random.default_rng(2)
-  w = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
-  mask = sparsity.nm_mask(w, n, m, axis)
-  c = sparsity.compress_nm(w, n, m, axis)
-  expected_shape = list(shape)
-  expected_shape[axis] = shape[axis] * n // m
-  assert c.values.shape == tuple(expected_shape) and c.packed.dtype == jnp.uint8
-  np.testing.assert_array_equal(sparsity.decompress_nm(c), jnp.where(mask, w, 0))
-
-
 def test_compressed_bytes_for_2_4_float32():
   w = jnp.asarray(np.random.default_rng(3).standard_normal((256, 128)).astype(np.float32))
   c = sparsity.compress_nm(w, 2, 4, 0)
@@ -163,4 +200,4 @@ def test_compressed_bytes_for_2_4_float32():
 def test_pack_bits_round_trip(bits, count, seed):
   idx = np.random.default_rng(seed).integers(0, 2 ** bits, count)
   packed = sparsity.pack_bits(jnp.asarray(idx), bits)
-  np.testing.assert_array_equal(sparsity.unpack_bits(packed, bits, count), idx)
+  chex.assert_trees_all_equal(sparsity.unpack_bits(packed, bits, count), idx)

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -63,11 +64,7 @@ def test_checkpoints_are_written_every_ckpt_every_steps(runs):
 def test_resumed_run_equals_uninterrupted_run_bitwise(runs):
   full, resumed = runs["full_state"], to_numpy(runs["resumed"].state)
   assert int(resumed.step) == STEPS
-  leaves_full, tree_full = jax.tree.flatten(full)
-  leaves_resumed, tree_resumed = jax.tree.flatten(resumed)
-  assert tree_full == tree_resumed
-  for a, b in zip(leaves_full, leaves_resumed, strict=True):
-    assert a.dtype == b.dtype and np.array_equal(a, b)
+  chex.assert_trees_all_equal(full, resumed, strict=True)  # structure, shapes, dtypes, values
 
 
 def test_second_run_resumed_from_the_middle_checkpoint(runs):
@@ -125,7 +122,7 @@ def test_non_finite_loss_stops_with_a_clear_message(config, tmp_path):
                 if p.name.isdigit())
   assert kept[-1] == good
   metrics = support.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-  assert all(np.isfinite(r["loss"]) for r in metrics)
+  chex.assert_tree_all_finite([r["loss"] for r in metrics])
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["lr"] == 1e30
 
 
