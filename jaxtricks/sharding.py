@@ -1,7 +1,9 @@
 """Device mesh, logical-axis rules and multi-process initialisation.
 
-Axes ('data', 'fsdp', 'tensor'): the batch is split over data and fsdp; parameters are sharded by
-logical axis names (set on every parameter by the layers) through rules, FSDP by default.
+Axes ('data', 'fsdp', 'context', 'tensor'): the batch is split over data and fsdp and its sequence
+over context (context parallelism: ring attention, jaxtricks.ops.ring_attention); parameters are
+sharded by logical axis names (set on every parameter by the layers) through rules, FSDP by
+default, and the unembedding's vocabulary over tensor (the vocabulary-parallel loss).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxtricks.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical axis -> mesh axes. The batch goes over data and fsdp, weights' model dimension over fsdp
 # (ZeRO-3 style), the wide dimensions over tensor.
@@ -40,24 +42,32 @@ class MeshConfig:
   """Mesh shape; -1 means 'all remaining devices' (at most one axis may say so)."""
   data: int = 1
   fsdp: int = -1
-  tensor: int = 1
+  context: int = 1   # splits every sequence (use model.attention.impl=ring)
+  tensor: int = 1    # splits heads, MLP width and the vocabulary
+
+  def sizes(self) -> tuple[int, ...]:
+    return tuple(getattr(self, name) for name in MESH_AXES)
 
   def validate(self) -> None:
-    sizes = (self.data, self.fsdp, self.tensor)
+    sizes = self.sizes()
     if sum(s == -1 for s in sizes) > 1:
-      raise ConfigError("mesh: at most one of mesh.data/fsdp/tensor may be -1")
+      raise ConfigError("mesh: at most one of mesh.data/fsdp/context/tensor may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-      raise ConfigError(f"mesh: sizes must be positive or -1, got {sizes}")
+      raise ConfigError(f"mesh: sizes must be positive or -1, got {self}")
 
-  def shape(self, n_devices: int) -> tuple[int, int, int]:
-    sizes = [self.data, self.fsdp, self.tensor]
+  def shape(self, n_devices: int) -> tuple[int, ...]:
+    sizes = list(self.sizes())
     known = int(np.prod([s for s in sizes if s != -1]))
+    split = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True) if s > 1]
+    named = "*".join(split) + (f" = {known}" if len(split) > 1 else "")
+    if known > n_devices:
+      raise ConfigError(f"{named} needs {known} devices, but there are {n_devices}")
     if -1 in sizes:
       if n_devices % known:
-        raise ConfigError(f"mesh: {n_devices} devices are not divisible by {known}")
+        raise ConfigError(f"{n_devices} devices are not divisible by {named}")
       sizes[sizes.index(-1)] = n_devices // known
     if int(np.prod(sizes)) != n_devices:
-      raise ConfigError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are "
+      raise ConfigError(f"mesh: data*fsdp*context*tensor = {int(np.prod(sizes))} but there are "
                         f"{n_devices} devices")
     return tuple(sizes)
 
@@ -65,7 +75,8 @@ class MeshConfig:
 def make_mesh(cfg: MeshConfig, devices: Any = None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   shape = cfg.shape(len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
 
 
 def batch_axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
@@ -77,7 +88,8 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+  """(B, T) batch arrays: rows over the batch axes, positions over context."""
+  return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), "context"))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -24,6 +24,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_addoption(parser):
   parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+  parser.addoption("--fake_devices", type=int, default=support.FAKE_DEVICES,
+                   help="CPU devices of the processes that test sharding (default %(default)s)")
+
+
+@pytest.fixture(scope="session")
+def fake_devices(request) -> int:
+  """The one setting of how many fake CPU devices (XLA's host platform device count) every
+  sharded test's process gets; this process keeps one."""
+  return request.config.getoption("--fake_devices")
 
 
 def pytest_collection_modifyitems(config, items):

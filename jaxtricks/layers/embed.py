@@ -59,3 +59,8 @@ class LinearHeadConfig(Component):
 
   def build(self, model: Any) -> nn.Module:
     return LinearHead(model.vocab_size, dtype=model.dtype, param_dtype=model.param_dtype)
+
+  def unembedding(self, head_params: dict) -> jnp.ndarray:
+    """The (D, V) matrix with logits = x W, for losses that split it over the vocabulary
+    (jaxtricks.train.vocab_loss); a head kind without one is never split."""
+    return head_params["unembed"]["kernel"]

@@ -46,6 +46,20 @@ class Built:
     return sharding.batch_sharding(self.mesh)
 
 
+def check_mesh_fits_model(config: Config, mesh: jax.sharding.Mesh) -> None:
+  """The mesh axes that split the model must divide what they split."""
+  tensor, context = mesh.shape["tensor"], mesh.shape["context"]
+  vocab = config.model.vocab_size
+  if vocab % tensor:
+    padded = -(-vocab // tensor) * tensor
+    raise ConfigError(f"mesh.tensor={tensor} does not divide the vocabulary "
+                      f"(model.vocab_size={vocab}); pad the vocabulary to a multiple of {tensor}, "
+                      f"e.g. --model.vocab_size={padded}")
+  if config.train.seq_len % context:
+    raise ConfigError(f"mesh.context={context} does not divide the sequence length "
+                      f"(train.seq_len={config.train.seq_len})")
+
+
 def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Built:
   """Builds the run of `config` (validated) on `mesh` (default: `config.mesh`'s)."""
   config.validate()
@@ -55,6 +69,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Built:
   if tc.batch_size % dp:
     raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the data-parallel "
                       f"size {dp} (mesh.data * mesh.fsdp)")
+  check_mesh_fits_model(config, mesh)
   model = Transformer(config.model)
   tx = make_optimizer(tc, model)
   schedule = lr_schedule(tc)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 import jaxtricks.components  # noqa: F401 (registers every loss and component loss term)
 from jaxtricks.ops.losses import accuracy, cross_entropy
+from jaxtricks.train import vocab_loss
 from jaxtricks.train.hooks import LOSSES, register_loss, with_terms
 
 __all__ = ["LOSSES", "lm_loss", "register_loss", "with_terms"]
@@ -20,10 +21,17 @@ __all__ = ["LOSSES", "lm_loss", "register_loss", "with_terms"]
 @register_loss("lm")
 def lm_loss(model, params, batch, train: bool = False, rngs: dict | None = None
             ) -> tuple[jnp.ndarray, dict]:
-  """Next-token cross entropy in nats per token (per byte for the byte corpus)."""
-  logits_BxTxV = model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
-  total, count = cross_entropy(logits_BxTxV, batch["targets"], batch.get("weights"))
-  correct, _ = accuracy(logits_BxTxV, batch["targets"], batch.get("weights"))
+  """Next-token cross entropy in nats per token (per byte for the byte corpus); computed
+  vocabulary-parallel (never forming the whole logits) when the mesh splits the vocabulary."""
+  if vocab_loss.active(model):
+    x_BxTxD = model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs,
+                          method="hidden")
+    total, correct, count = vocab_loss.weighted_sums(model, params["head"], x_BxTxD,
+                                                     batch["targets"], batch.get("weights"))
+  else:
+    logits_BxTxV = model.apply({"params": params}, batch["inputs"], train=train, rngs=rngs)
+    total, count = cross_entropy(logits_BxTxV, batch["targets"], batch.get("weights"))
+    correct, _ = accuracy(logits_BxTxV, batch["targets"], batch.get("weights"))
   loss = total / count
   return with_terms(model, params, batch, train, loss,
                      {"loss": loss, "accuracy": correct / count})

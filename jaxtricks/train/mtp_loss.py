@@ -1,5 +1,6 @@
 """The multi-token prediction losses (Gloeckle et al. 2024, arXiv 2404.19737), registered as
-`--train.loss=mtp` (memory-efficient: one head's logits alive at a time) and `mtp_naive` (every
+`--train.loss=mtp` (memory-efficient: one head's logits alive at a time, and only a vocabulary
+slice of them per device when the mesh splits the vocabulary) and `mtp_naive` (every
 head's logits at once; the reference and the benchmark's baseline). Head i of the model's
 `mtp.heads` predicts token t + i and weighs 1 (head 1) or mtp.loss_lambda / (n - 1) when
 loss_lambda > 0.
@@ -13,6 +14,7 @@ from jaxtricks.ops.mtp import (
   heads_cross_entropy_naive,
   shift_targets,
 )
+from jaxtricks.train import vocab_loss
 from jaxtricks.train.hooks import register_loss, with_terms
 
 
@@ -24,9 +26,14 @@ def _mtp_loss(model, params, batch, train, rngs, efficient: bool) -> tuple[jnp.n
   targets_NxBxT, weights_NxBxT = shift_targets(batch["targets"], batch.get("weights"), n)
   shared = {"final_norm": params["final_norm"], "head": params["head"]}
   project = lambda p, h_BxTxD: model.apply({"params": p}, h_BxTxD, method="project")
-  fn = heads_cross_entropy if efficient else heads_cross_entropy_naive
-  objective, per_head = fn(project, shared, h_NxBxTxD, targets_NxBxT, weights_NxBxT,
-                           head_weights(n, cfg.mtp.loss_lambda))
+  head_w = head_weights(n, cfg.mtp.loss_lambda)
+  if efficient:
+    split = vocab_loss.head_loss(model) if vocab_loss.active(model) else None
+    objective, per_head = heads_cross_entropy(project, shared, h_NxBxTxD, targets_NxBxT,
+                                              weights_NxBxT, head_w, head_loss=split)
+  else:
+    objective, per_head = heads_cross_entropy_naive(project, shared, h_NxBxTxD, targets_NxBxT,
+                                                    weights_NxBxT, head_w)
   metrics = {"loss": objective, "accuracy": per_head["accuracy"][0]}
   for i in range(n):
     metrics[f"loss_head{i + 1}"] = per_head["loss"][i]

@@ -1,8 +1,10 @@
 """The pure train step `step(state, batch) -> (state, metrics)` and the eval step, jitted with
-shardings and buffer donation."""
+shardings and buffer donation, and traced with their mesh set (`jax.set_mesh`) so that per-device
+code inside (jax.shard_map: the vocabulary-parallel loss, ring attention) finds its mesh axes."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -51,15 +53,25 @@ def make_eval_step(model, loss_fn: Callable) -> Callable:
   return step
 
 
+def in_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """`fn` called (and so traced) with `mesh` as the current mesh."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
+
+
 def jit_train_step(step: Callable, shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
   data = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(shardings, data),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return in_mesh(jax.jit(step, in_shardings=(shardings, data),
+                         out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0),
+                 mesh)
 
 
 def jit_eval_step(step: Callable, shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
-  return jax.jit(step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return in_mesh(jax.jit(step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
+                         out_shardings=sharding.replicated(mesh)), mesh)
 
 
 def mean_metrics(metrics: list[dict]) -> dict[str, float]:
