@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxtricks.errors import UserError
@@ -70,6 +71,7 @@ class Checkpointer:
     steps = sorted(self.all_steps(), reverse=True)
     bad: list[tuple[int, str]] = []
     for step in steps:
+      self.check_param_shapes(step, abstract_state)
       try:
         state, meta = self.restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001 (any failure to read back means a damaged step)
@@ -85,6 +87,26 @@ class Checkpointer:
       raise UserError(f"no checkpoint in {self.directory} can be restored (newest: step "
                       f"{bad[0][0]}, {bad[0][1]}); move the folder away to start afresh")
     return None
+
+  def check_param_shapes(self, step: int, abstract_state: Any) -> None:
+    """Refuses a step whose saved parameters have other shapes than the model's (another
+    model, not another topology: shardings may differ freely). Unreadable metadata passes: the
+    restore then reports the damage."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      saved = _shapes(handler.metadata(epath.Path(self.step_path(step)) / "state")["params"])
+    except Exception:  # noqa: BLE001 (damaged metadata: left to restore_latest)
+      return
+    finally:
+      handler.close()
+    wanted = _shapes(abstract_state.params)
+    diff = [f"{k} {saved.get(k, 'absent')} in the checkpoint, {wanted.get(k, 'absent')} here"
+            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+    if diff:
+      more = f" (and {len(diff) - 1} more)" if len(diff) > 1 else ""
+      raise UserError(f"checkpoint step {step} in {self.directory} holds parameters of other "
+                      f"shapes than this model: {diff[0]}{more}; a different model, not a "
+                      "topology change: use another --workdir or delete it")
 
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -110,6 +132,11 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -1,12 +1,14 @@
-"""Run by tests/test_sharding.py in a process with 8 CPU devices: the smoke run of the shared
-one-device reference under two meshes, then each run's parameter layout as JSON on stdout; and
-the multi-token and SLoPe smoke runs under FSDP.
+"""Run by tests/test_sharding.py in a process with the fake CPU devices: the smoke run of the
+shared one-device reference under two meshes, then each run's parameter layout as JSON on stdout;
+the multi-token and SLoPe smoke runs under FSDP; and the one-device smoke run's checkpoint of
+step 3 resumed here on every device (a topology change, 1 -> 8).
 
-    python tests/sharded_runs.py WORKDIR
+    python tests/sharded_runs.py WORKDIR ONE_DEVICE_SMOKE_WORKDIR
 """
 
 import json
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -38,7 +40,17 @@ def layout(tree) -> dict:
   return out
 
 
-def main(workdir: str) -> None:
+def resume_elsewhere(source: pathlib.Path, target: pathlib.Path, step: int) -> None:
+  """Copies a finished run's workdir without its checkpoints after `step` and its summary, as if
+  it had stopped at `step` (the input of a resume)."""
+  shutil.copytree(source, target)
+  for path in (target / "checkpoints").iterdir():
+    if path.name.isdigit() and int(path.name) > step:
+      shutil.rmtree(path)
+  (target / "summary.json").unlink(missing_ok=True)
+
+
+def main(workdir: str, one_device_workdir: str) -> None:
   report = {"device_count": jax.device_count()}
   for name, mesh in MESHES.items():
     config = override(get_config("lm", "smoke"), {**SMOKE_OVERRIDES, **mesh})
@@ -52,8 +64,13 @@ def main(workdir: str) -> None:
   # SLoPe with lazy adapters: custom VJPs, kept-only optimizer state and the late adapter step.
   config = override(get_config("lm", "smoke"), {**SMOKE_OVERRIDES, **SLOPE_OVERRIDES})
   train(config, str(pathlib.Path(workdir) / "slope_fsdp8"))
+  # 1 -> all devices: the one-device run's step-3 checkpoint continued on the default mesh.
+  resumed = pathlib.Path(workdir) / "resume_1_to_all"
+  resume_elsewhere(pathlib.Path(one_device_workdir), resumed, step=3)
+  result = train(override(get_config("lm", "smoke"), SMOKE_OVERRIDES), str(resumed))
+  report["resume_1_to_all"] = {"mesh": dict(result.mesh.shape)}
   print(json.dumps(report))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2])

@@ -1,6 +1,7 @@
-"""Multi-process training on one machine: two launch.py processes on loopback, each with 4 CPU
-devices (collectives through gloo), against one process with 8 devices: the same losses within
-1e-5 relative, one writer of metrics and summaries, and one checkpoint written by both."""
+"""Multi-process training on one machine: two launch.py processes on loopback, each with half the
+fake CPU devices (collectives through gloo), against one process with all of them: the same
+losses within 1e-5 relative, one writer of metrics and summaries, one checkpoint written by both,
+which one process then resumes on one device."""
 
 import json
 import signal
@@ -9,24 +10,30 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import get_config
 from jaxtricks import checkpoint
-from tests import support
+from jaxtricks.config import override
+from jaxtricks.train.loop import train
+from tests import sharded_runs, support
+
+pytestmark = pytest.mark.slow  # the slow tier (--runslow): four processes, about 40 s
 
 RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, fake_devices):
   base = tmp_path_factory.mktemp("distributed")
-  one = support.launch(*support.SMOKE_FLAGS, f"--workdir={base / 'one'}", devices=8)
+  half = fake_devices // 2
+  one = support.launch(*support.SMOKE_FLAGS, f"--workdir={base / 'one'}", devices=fake_devices)
   assert one.returncode == 0, support.describe(one)
   address = f"127.0.0.1:{support.free_port()}"
   # Process 0 by flags, process 1 by the environment variables: both ways are exercised.
   procs = [
       support.launch_process(*support.SMOKE_FLAGS, f"--workdir={base / 'two'}",
                              f"--coordinator_address={address}", "--num_processes=2",
-                             "--process_id=0", devices=4),
-      support.launch_process(*support.SMOKE_FLAGS, f"--workdir={base / 'two'}", devices=4,
+                             "--process_id=0", devices=half),
+      support.launch_process(*support.SMOKE_FLAGS, f"--workdir={base / 'two'}", devices=half,
                              env={"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
                                   "JAX_PROCESS_ID": "1"}),
   ]
@@ -40,7 +47,7 @@ def runs(tmp_path_factory):
   return base, one, outputs
 
 
-def test_two_processes_give_the_single_process_losses(runs):
+def test_two_processes_give_the_single_process_losses(runs, fake_devices):
   base, _, _ = runs
   one, two = (support.read_jsonl(base / name / "metrics.jsonl") for name in ("one", "two"))
   assert [r["step"] for r in support.train_records(two)] == [1, 2, 3, 4, 5, 6]
@@ -51,7 +58,7 @@ def test_two_processes_give_the_single_process_losses(runs):
     b = np.array([r[key] for r in select(two)])
     np.testing.assert_allclose(b, a, rtol=RTOL, err_msg=key)
   summary = json.loads((base / "two" / "summary.json").read_text())
-  assert summary["processes"] == 2 and summary["devices"] == 8
+  assert summary["processes"] == 2 and summary["devices"] == fake_devices
   assert json.loads((base / "one" / "summary.json").read_text())["processes"] == 1
 
 
@@ -76,14 +83,14 @@ def test_checkpoint_written_collectively_matches_the_single_process_one(runs):
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_saves_on_both_at_one_step(tmp_path):
+def test_sigterm_to_one_process_saves_on_both_at_one_step(tmp_path, fake_devices):
   """JAX's preemption sync point: process 1 gets SIGTERM, both save the same step and exit 0."""
   address = f"127.0.0.1:{support.free_port()}"
   flags = ("--exp=lm", "--preset=smoke", "--steps=5000", "--log_every=1", "--ckpt_every=0",
            f"--workdir={tmp_path / 'run'}", f"--coordinator_address={address}",
            "--num_processes=2")
-  procs = [support.launch_process(*flags, f"--process_id={i}", devices=4) for i in range(2)]
+  procs = [support.launch_process(*flags, f"--process_id={i}", devices=fake_devices // 2)
+           for i in range(2)]
   try:
     support.wait_for_line(procs[0], "step 2/5000")
     procs[1].send_signal(signal.SIGTERM)
@@ -98,3 +105,14 @@ def test_sigterm_to_one_process_saves_on_both_at_one_step(tmp_path):
   assert lines[0] == lines[1] and lines[0].startswith("preempted: saved a checkpoint at step ")
   step = int(lines[0].split("at step ")[1].split()[0])
   assert support.checkpoint_steps(tmp_path / "run") == [step] and 2 < step < 5000
+
+
+def test_checkpoint_of_two_processes_resumes_in_one(runs, tmp_path):
+  """A topology change: the two processes' step-3 checkpoint continued by one process on one
+  device gives the 8-device run's losses and final state."""
+  base, _, _ = runs
+  resumed = tmp_path / "two_to_one"
+  sharded_runs.resume_elsewhere(base / "two", resumed, step=3)
+  result = train(override(get_config("lm", "smoke"), support.SMOKE_OVERRIDES), str(resumed))
+  assert result.summary["processes"] == 1 and result.summary["devices"] == 1
+  support.assert_resumed_like_uninterrupted(resumed, base / "one")

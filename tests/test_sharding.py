@@ -17,11 +17,12 @@ from tests import sharded_runs, support
 
 
 @pytest.mark.parametrize("cfg,devices,shape", [
-    (MeshConfig(), 8, (1, 8, 1)),
-    (MeshConfig(), 1, (1, 1, 1)),
-    (MeshConfig(data=2), 8, (2, 4, 1)),
-    (MeshConfig(data=2, fsdp=2, tensor=2), 8, (2, 2, 2)),
-    (MeshConfig(data=-1, fsdp=1, tensor=4), 8, (2, 1, 4)),
+    (MeshConfig(), 8, (1, 8, 1, 1)),
+    (MeshConfig(), 1, (1, 1, 1, 1)),
+    (MeshConfig(data=2), 8, (2, 4, 1, 1)),
+    (MeshConfig(data=2, fsdp=2, tensor=2), 8, (2, 2, 1, 2)),
+    (MeshConfig(data=-1, fsdp=1, tensor=4), 8, (2, 1, 1, 4)),
+    (MeshConfig(context=4), 8, (1, 2, 4, 1)),
 ])
 def test_mesh_shape(cfg, devices, shape):
   cfg.validate()
@@ -29,8 +30,11 @@ def test_mesh_shape(cfg, devices, shape):
 
 
 @pytest.mark.parametrize("cfg,devices,message", [
-    (MeshConfig(data=3), 8, "8 devices are not divisible by 3"),
-    (MeshConfig(data=2, fsdp=2, tensor=1), 8, "data\\*fsdp\\*tensor = 4 but there are 8 devices"),
+    (MeshConfig(data=3), 8, "8 devices are not divisible by mesh.data=3"),
+    (MeshConfig(data=2, fsdp=2, tensor=1), 8,
+     "data\\*fsdp\\*context\\*tensor = 4 but there are 8 devices"),
+    (MeshConfig(data=2, fsdp=1, context=4, tensor=2), 8,
+     "mesh.data=2\\*mesh.context=4\\*mesh.tensor=2 = 16 needs 16 devices, but there are 8"),
 ])
 def test_mesh_that_does_not_cover_the_devices_is_refused(cfg, devices, message):
   with pytest.raises(ConfigError, match=message):
@@ -44,7 +48,8 @@ def test_invalid_mesh_config(cfg):
     cfg.validate()
 
 
-MESH = types.SimpleNamespace(shape={"data": 2, "fsdp": 4, "tensor": 2})  # what the rules read
+# what the rules read
+MESH = types.SimpleNamespace(shape={"data": 2, "fsdp": 4, "context": 1, "tensor": 2})
 
 
 @pytest.mark.parametrize("logical,shape,expected", [
@@ -67,18 +72,20 @@ def test_data_parallel_size():
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
+def sharded(tmp_path_factory, smoke_run, fake_devices):
   workdir = tmp_path_factory.mktemp("sharded")
-  proc = support.run_python(["tests/sharded_runs.py", str(workdir)], devices=8)
+  proc = support.run_python(["tests/sharded_runs.py", str(workdir), str(smoke_run.workdir)],
+                            devices=fake_devices)
   assert proc.returncode == 0, support.describe(proc)
   report = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert report["device_count"] == 8
+  assert report["device_count"] == fake_devices == 8  # the layouts below are written for 8
   return workdir, report
 
 
-@pytest.mark.parametrize("name,mesh", [("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1}),
+@pytest.mark.parametrize("name,mesh", [("fsdp8", {"data": 1, "fsdp": 8, "context": 1,
+                                                  "tensor": 1}),
                                        ("data2_fsdp2_tensor2", {"data": 2, "fsdp": 2,
-                                                                "tensor": 2})])
+                                                                "context": 1, "tensor": 2})])
 def test_sharded_run_equals_one_device_run(sharded, smoke_run, name, mesh):
   workdir, report = sharded
   assert report[name]["mesh"] == mesh
@@ -154,3 +161,18 @@ def test_adam_moments_are_sharded_like_the_parameters(sharded):
   emb = [v for k, v in opt.items() if "mu" in k and "['embed']['embedding']" in k]
   assert emb and all(v["shard_shape"] == params["['embed']['embedding']"]["shard_shape"]
                      for v in emb)
+
+
+def test_checkpoint_of_one_device_resumes_on_all_devices(sharded, smoke_run):
+  workdir, report = sharded
+  assert report["resume_1_to_all"]["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
+  support.assert_resumed_like_uninterrupted(workdir / "resume_1_to_all", smoke_run.workdir)
+
+
+def test_checkpoint_of_all_devices_resumes_on_one_device(sharded, smoke_run, tmp_path):
+  workdir, _ = sharded
+  resumed = tmp_path / "resume_all_to_1"
+  sharded_runs.resume_elsewhere(workdir / "fsdp8", resumed, step=3)
+  result = train(override(get_config("lm", "smoke"), support.SMOKE_OVERRIDES), str(resumed))
+  assert result.summary["devices"] == 1
+  support.assert_resumed_like_uninterrupted(resumed, smoke_run.workdir)
