@@ -1,4 +1,5 @@
-"""Metric writers: JSONL lines, the progress line, and JSON summaries (process 0 only)."""
+"""Metric writers: JSONL lines (optionally mirrored to TensorBoard), the progress line, and JSON
+summaries (process 0 only)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,22 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlWriter:
-  """Appends one JSON object per line; on resume, drops lines logged after the restored step."""
+  """Appends one JSON object per line; on resume, drops lines logged after the restored step.
 
-  def __init__(self, path: str, resume_step: int | None = None):
+  With `tensorboard`, every record also goes to an event file beside `path`, as scalars at the
+  record's `step` (its other numeric fields), flushed at each write."""
+
+  def __init__(self, path: str, resume_step: int | None = None, tensorboard: bool = False):
     self.path = path
+    self.tensorboard = None
     if not is_writer():
       return
+    if tensorboard:
+      from jaxtricks.tensorboard import EventWriter  # noqa: PLC0415 (it imports this module)
+
+      # Restarting at the first step not kept drops what earlier files logged from there on.
+      self.tensorboard = EventWriter(os.path.dirname(path) or ".",
+                                     restart_step=0 if resume_step is None else resume_step + 1)
     if resume_step is None:
       open(path, "w").close()
     elif os.path.exists(path):
@@ -44,6 +55,10 @@ class JsonlWriter:
     if is_writer():
       with open(self.path, "a") as f:
         f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+      if self.tensorboard:
+        self.tensorboard.scalars(record.get("step", 0),
+                                 {k: v for k, v in record.items() if k != "step"})
+        self.tensorboard.flush()
 
 
 def _step_of(line: str, path: str) -> float:

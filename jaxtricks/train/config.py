@@ -29,6 +29,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   async_checkpoints: bool = True
   skip_nonfinite: bool = False  # True: a NaN/inf step is skipped (update dropped), not fatal
+  tensorboard: bool = False     # also write TensorBoard event files (scalars, PNG figures)
 
   def validate(self) -> None:
     for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):

@@ -198,7 +198,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
       state = built.init_state()
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
     writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
-                             resume_step=start if resumed else None)
+                             resume_step=start if resumed else None, tensorboard=tc.tensorboard)
     n_params = count_params(state.params)
     logging.info("%s: %s parameters, mesh %s, %d devices, %d processes", exp, f"{n_params:,}",
                  dict(mesh.shape), jax.device_count(), jax.process_count())
