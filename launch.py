@@ -62,8 +62,11 @@ def _define_config_flags(config) -> list[str]:
 
 
 def _parse(argv: list[str]) -> list[str]:
-  from experiments import get_config  # noqa: PLC0415
-  from jaxtricks.errors import UserError  # noqa: PLC0415
+  try:
+    from experiments import get_config  # noqa: PLC0415
+    from jaxtricks.errors import UserError  # noqa: PLC0415
+  except OSError as e:  # chex imports absl.testing, which needs a writable temporary directory
+    _fail(f"cannot start: {e.strerror or e} (is the disk full?)")
 
   exp = _prescan(argv, "exp", EXP_DEFAULT)
   preset = _prescan(argv, "preset", PRESET_DEFAULT)
@@ -99,10 +102,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
   from experiments import get_config, load  # noqa: PLC0415
-  from jaxtricks import sharding  # noqa: PLC0415
+  from jaxtricks import sharding, tensorboard  # noqa: PLC0415
   from jaxtricks.config import flag_defaults, override  # noqa: PLC0415
   from jaxtricks.errors import UserError  # noqa: PLC0415
   from jaxtricks.train.loop import Preempted  # noqa: PLC0415
+  from jaxtricks.workdir_lock import WorkdirLock  # noqa: PLC0415
 
   try:
     sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -114,7 +118,10 @@ def main(argv: list[str]) -> None:
                     if FLAGS[name].value is not None})
     config = override(config, updates).validate()
     workdir = FLAGS.workdir or f"runs/{FLAGS.exp}"
-    summary = load(FLAGS.exp).run(config, workdir)
+    with WorkdirLock(workdir):  # one run per workdir: a second one is refused here
+      summary = load(FLAGS.exp).run(config, workdir)
+      if getattr(config.train, "tensorboard", False):  # the figures, beside the scalars
+        tensorboard.write_pngs(workdir, step=config.train.steps)
   except UserError as e:
     _fail(str(e))
   except Preempted as e:

@@ -30,6 +30,10 @@ CACHE_MIN_COMPILE_S = 0.5
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
 
+# Fake CPU devices of the sharded tests' processes (conftest's --fake_devices, fixture
+# `fake_devices`); the test process itself has one.
+FAKE_DEVICES = 8
+
 # The flags of the shared smoke run (conftest.smoke_run), as flags and as config overrides.
 SMOKE_FLAGS = ("--exp=lm", "--preset=smoke", "--steps=6", "--log_every=1", "--ckpt_every=3")
 SMOKE_OVERRIDES = {"train.steps": 6, "train.log_every": 1, "train.ckpt_every": 3}
@@ -65,10 +69,12 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
   return env
 
 
-def run_python(args: list[str], devices: int = 1, timeout: float = 300
-               ) -> subprocess.CompletedProcess:
-  """`python ARGS` in the repository root with `devices` CPU devices; captures text output."""
-  return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(devices),
+def run_python(args: list[str], devices: int = 1, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  """`python ARGS` in the repository root with `devices` CPU devices (and `env` added); captures
+  text output."""
+  return subprocess.run([sys.executable, *args], cwd=REPO,
+                        env={**subprocess_env(devices), **(env or {})},
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -166,26 +172,30 @@ def file_digests(directory: str | os.PathLike) -> dict[str, str]:
 
 
 def arrays_equal(a, b) -> bool:
-  """Bitwise equality of two pytrees of arrays (same structure, dtypes, values)."""
-  import jax  # noqa: PLC0415
+  """Exact equality of two pytrees of arrays: chex's assert_trees_all_equal, strict (same
+  structure, shapes, dtypes and values; NaN equals NaN in the same place), as a bool."""
+  import chex  # noqa: PLC0415
 
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  return tree_a == tree_b and all(
-      np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
-      for x, y in zip(leaves_a, leaves_b, strict=True))
+  try:
+    chex.assert_trees_all_equal(a, b, strict=True)
+  except AssertionError:
+    return False
+  return True
 
 
 def launch_limited(*flags: str, file_size_limit: int, devices: int = 1
                    ) -> subprocess.CompletedProcess:
   """launch.py under RLIMIT_FSIZE: writing a file past `file_size_limit` bytes fails (EFBIG), as
   on a full disk (Python ignores SIGXFSZ), whoever runs the tests. The limit is set by the child
-  itself (no fork-time hook in this multithreaded process)."""
+  itself (no fork-time hook in this multithreaded process). The temporary directory stays usable
+  (a full workdir disk, not a full /tmp): absl.testing (imported by chex) is given it through
+  TEST_TMPDIR instead of probing it with a write."""
   code = ("import resource, runpy, sys; "
           f"resource.setrlimit(resource.RLIMIT_FSIZE, ({file_size_limit}, {file_size_limit})); "
           "sys.argv = ['launch.py', *sys.argv[1:]]; "
           "runpy.run_path('launch.py', run_name='__main__')")
-  return run_python(["-c", code, *flags], devices=devices)
+  return run_python(["-c", code, *flags], devices=devices,
+                    env={"TEST_TMPDIR": tempfile.gettempdir()})
 
 
 def random_params(model, tokens, seed: int = 0) -> dict:
@@ -252,3 +262,27 @@ def assert_readme_summary_keys(summary: dict, exp: str, absent_ok: tuple[str, ..
   assert keys, f"README lists no summary keys for {exp!r}"
   missing = [k for k in keys if k not in skip and not _has_path(summary, k.split("."))]
   assert not missing, f"{exp}: README lists {missing}, not in the summary"
+
+
+def final_state_difference(workdir_a, workdir_b, step: int = 6) -> float:
+  """Largest absolute difference of the train states saved at `step` (params, Adam moments)."""
+  import chex  # noqa: PLC0415
+  import jax  # noqa: PLC0415
+
+  from jaxtricks import checkpoint  # noqa: PLC0415
+
+  a, b = (checkpoint.read_numpy(pathlib.Path(w) / "checkpoints", step)
+          for w in (workdir_a, workdir_b))
+  chex.assert_trees_all_equal_shapes(a, b)
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def assert_resumed_like_uninterrupted(resumed, reference) -> None:
+  """Steps 4-6 trained after the resume give the uninterrupted run's losses (same data order)
+  and final state, within float32 reduction-order noise."""
+  got = train_records(read_jsonl(pathlib.Path(resumed) / "metrics.jsonl"))
+  ref = train_records(read_jsonl(pathlib.Path(reference) / "metrics.jsonl"))
+  assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+  assert final_state_difference(resumed, reference) < 1e-5

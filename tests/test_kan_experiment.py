@@ -3,6 +3,7 @@ on float64, which must not leak into other tests)."""
 
 import json
 
+import chex
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from experiments import kan
 from tests import support
 
 
+@pytest.mark.slow  # the slow tier: a long end-to-end run
 def test_kan_smoke_grid_extension(tmp_path):
   workdir = tmp_path / "kan"
   proc = support.launch("--exp=kan", "--preset=smoke", "--carry_opt_state=true",
@@ -42,7 +44,8 @@ def test_special_function_presets(preset):
   config = kan.get_config(preset).validate()
   target = kan.FUNCTIONS[config.function]
   u = np.random.default_rng(0).uniform(*target.domain, 50)
-  assert np.all(np.isfinite(target.fn(u, u[::-1]))) and not config.hellokan
+  chex.assert_tree_all_finite(target.fn(u, u[::-1]))
+  assert not config.hellokan
   ones = np.ones_like(u)
   closed_forms = {  # (x, y, f(x, y)) on slices where f has an elementary form
       "sph_harm": [(u[::-1], u, np.sqrt(3 / (4 * np.pi)) * np.cos(u))],   # Y_1^0, polar y
@@ -51,7 +54,7 @@ def test_special_function_presets(preset):
       "ellipeinc": [(u, 0 * u, u), (u, ones, np.sin(u))],                  # m = 0 and m = 1
   }[preset]
   for x, y, expected in closed_forms:
-    np.testing.assert_allclose(target.fn(x, y), expected, rtol=1e-10, atol=1e-12)
+    chex.assert_trees_all_close(target.fn(x, y), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_smoke_preset_runs_the_default_stages_smaller():

@@ -135,6 +135,13 @@ ERRORS = {
     "resume_other_model": (["--preset=smoke", "--model.d_model=32"], 1,
                            ["holds checkpoints of a different model", "model.d_model: 64 -> 32",
                             "use another --workdir"]),
+    "checkpoint_of_other_shapes": (["--preset=smoke", "--model.d_model=32"], 1,
+                                   ["holds parameters of other shapes than this model",
+                                    "(64, 2, 32) in the checkpoint, (32, 2, 16) here",
+                                    "not a topology change"]),
+    "tensor_does_not_divide_vocab": (["--preset=smoke", "--mesh.fsdp=1", "--mesh.tensor=3"], 3,
+                                     ["mesh.tensor=3 does not divide the vocabulary",
+                                      "--model.vocab_size=258"]),
     "workdir_read_only": (["--preset=smoke"], 1, ["is not writable: Permission denied"]),
     "workdir_full": (["--preset=smoke"], 1, ["is not writable: File too large"]),
 }
@@ -165,6 +172,8 @@ def error_runs(smoke_run, tmp_path_factory):
     if name == "old_config_format":  # the smoke run's checkpoints under the old format
       config = json.loads((workdir / "config.json").read_text())
       (workdir / "config.json").write_text(json.dumps(dict(config, model=OLD_MODEL)))
+    if name == "checkpoint_of_other_shapes":  # no config.json to compare: the shapes decide
+      (workdir / "config.json").unlink()
     before = support.file_digests(workdir)
     if name == "workdir_full":  # no file can grow: as on a full disk
       return support.launch_limited(*flags, file_size_limit=0, devices=devices), before

@@ -47,6 +47,7 @@ def test_metrics_log_every_head(mtp_smoke):
   assert val["val_loss_head1"] == summary["val_loss_per_head"][0]
 
 
+@pytest.mark.slow  # the slow tier: a long end-to-end run
 def test_polynomial_task_run_reports_exact_match(tmp_path):
   """The synthetic-task path: n=1 against n=2 on F7[X]/(X^5) arithmetic, answers decoded."""
   workdir = tmp_path / "poly"

@@ -40,6 +40,7 @@ def interrupted_then_rerun(tmp_path_factory):
               error_log=error_log, proc=proc)
 
 
+@pytest.mark.slow  # the slow tier: a long end-to-end run
 def test_failed_variant_is_one_line_and_keeps_earlier_rows(interrupted_then_rerun):
   run = interrupted_then_rerun
   assert run["trained"] == ["slope/dense", "slope/slope", "slope/slope_adapters", "slope/srste"]
@@ -52,6 +53,7 @@ def test_failed_variant_is_one_line_and_keeps_earlier_rows(interrupted_then_reru
   assert "Traceback" in run["error_log"] and "injected failure" in run["error_log"]
 
 
+@pytest.mark.slow  # the slow tier: a long end-to-end run
 def test_rerun_trains_only_the_missing_variants(interrupted_then_rerun):
   run = interrupted_then_rerun
   proc = run["proc"]
@@ -64,6 +66,7 @@ def test_rerun_trains_only_the_missing_variants(interrupted_then_rerun):
   assert not (run["workdir"] / "variants" / "srste" / "error.txt").exists()
 
 
+@pytest.mark.slow  # the slow tier: a long end-to-end run
 def test_smoke_summary_of_the_default_variants(interrupted_then_rerun):
   workdir = interrupted_then_rerun["workdir"]
   summary = json.loads((workdir / "summary.json").read_text())

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,7 @@ def test_only_producing_layers_have_kv_projections_and_kv_norm(sharing):
     assert ("k" in block["attn"]) == produces and ("v" in block["attn"]) == produces
     assert ("kv_norm" in block) == (produces and sharing > 1), (i, sorted(block))
     if produces:
-      assert block["attn"]["k"]["kernel"].shape == (32, HEADS["GQA"], 8)
+      chex.assert_shape(block["attn"]["k"]["kernel"], (32, HEADS["GQA"], 8))
 
 
 # Causality through gradients, on a 4-layer GQA-CLA2 model (layers 1 and 3 reuse K/V of 0 and 2).
@@ -158,7 +159,7 @@ def test_future_tokens_do_not_change_past_logits(causal_model, impl):
   for t in (0, 3, T - 2):
     changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % CAUSAL_CFG.vocab_size)
     out = np.asarray(apply(changed))
-    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+    chex.assert_trees_all_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
     assert np.abs(out[:, t + 1:] - base[:, t + 1:]).max(-1).min() > 1e-4
 
 
@@ -173,6 +174,7 @@ def test_kv_norm_normalises_the_kv_input_only(causal_model):
   assert np.abs(a - b).max(-1).min() > 1e-5
 
 
+@pytest.mark.slow  # the slow tier: a long end-to-end run
 def test_cla_experiment_smoke_end_to_end(tmp_path):
   """`python launch.py --exp=cla --preset=smoke --workdir=TMP`: summary rows, figure, KV bytes."""
   workdir = tmp_path / "cla"
