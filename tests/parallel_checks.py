@@ -22,6 +22,7 @@ from jax.sharding import AxisType
 from experiments import get_config
 from jaxtricks import sharding
 from jaxtricks.config import override
+from jaxtricks.ops import vocab_parallel
 from jaxtricks.ops.attention import attention
 from jaxtricks.ops.losses import accuracy, cross_entropy
 from jaxtricks.ops.ring_attention import ring_attention
@@ -29,6 +30,8 @@ from jaxtricks.ops.vocab_parallel import vocab_parallel_cross_entropy
 from jaxtricks.train.build import build
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Small token chunks, so these tiny batches go through the loss's chunked forward and backward.
+vocab_parallel.ROW_CHUNK = 8
 AXES = sharding.MESH_AXES  # data, fsdp, context, tensor
 
 

@@ -11,6 +11,7 @@ import pytest
 from experiments import get_config
 from jaxtricks.config import override
 from jaxtricks.errors import ConfigError
+from jaxtricks.ops.vocab_parallel import ROW_CHUNK, row_chunk
 from jaxtricks.sharding import MeshConfig
 from jaxtricks.train.build import check_mesh_fits_model
 from tests import support
@@ -76,3 +77,9 @@ def test_a_mesh_that_does_not_divide_the_model_is_refused(overrides, devices, me
 def test_a_mesh_larger_than_the_devices_is_refused():
   with pytest.raises(ConfigError, match=r"^mesh.tensor=16 needs 16 devices, but there are 8"):
     MeshConfig(fsdp=1, tensor=16).shape(8)
+
+
+def test_row_chunks_divide_the_rows():
+  assert row_chunk(2048) == ROW_CHUNK == 512
+  assert row_chunk(32, 8) == 8 and row_chunk(24, 16) == 12
+  assert row_chunk(37, 8) == 37  # no divisor near the target: one chunk of all rows
