@@ -205,6 +205,7 @@ def test_without_the_option_a_bad_batch_stops_at_its_step(config, tmp_path, monk
 # ---- end to end, through launch.py (subprocesses)
 
 
+@pytest.mark.slow  # the slow tier: a long training run
 def test_sigkill_during_a_checkpoint_write_then_rerun_equals_the_uninterrupted_run(
     smoke_run, tmp_path):
   """Killed right as step 3's checkpoint starts its asynchronous write; the same command run

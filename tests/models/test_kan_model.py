@@ -137,6 +137,7 @@ def test_refine_needs_bsplines(trained):
     refine(dataclasses.replace(model, basis="rbf"), variables, X)
 
 
+@pytest.mark.slow  # the slow tier: a long training run
 def test_kan_feed_forward_in_the_transformer_trains():
   """The `--exp=lm --preset=kan` model, shrunk: KAN blocks build, and SGD lowers the loss."""
   preset = lm.get_config("kan")
@@ -198,6 +199,7 @@ def test_prune_with_edge_threshold_drops_a_weak_node():
                               rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the slow tier: a long training run
 def test_regularisation_and_attribution():
   model = KAN((2, 5, 1), grid_size=4)
   variables = _with_dead_hidden_nodes(model, init_variables(model, jax.random.key(2)), [1, 3, 4])

@@ -37,6 +37,7 @@ def test_formula_evaluates_to_the_symbolic_network():
   assert smallest(sym.formula(noisy, zero_below=1e-8)[0]) > 1e-2  # the shifts' noise dropped
 
 
+@pytest.mark.slow  # the slow tier: a long training run
 def test_trained_kan_becomes_the_right_formula():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (400, 2)), jnp.float32)
