@@ -31,6 +31,12 @@ class Component:
     """Raises ConfigError naming `model.<slot>.<field>` for a bad value; `model` is the whole
     ModelConfig (for checks against the width, depth or other components)."""
 
+  def trains(self, model: Any, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (its keys under `params`) trains; a parameter that some
+    component does not train is frozen (held apart from the optimizer, jaxtricks.train.state)."""
+    del model, path
+    return True
+
   def layers_removed(self, model: Any) -> int:
     """Trunk layers this component takes away from `model.n_layers` (compute matching)."""
     del model

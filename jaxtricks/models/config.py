@@ -66,6 +66,10 @@ class ModelConfig:
     """Whether some trunk block reads another block's K/V (its producers then get a kv_norm)."""
     return len(self.kv_producers) < self.depth
 
+  def trains(self, path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` trains: unless some component freezes it."""
+    return all(c.trains(self, path) for c in self.components())
+
   @property
   def rng_streams(self) -> tuple[str, ...]:
     """PRNG streams the model draws from in training (Flax `rngs` names), in slot order."""

@@ -199,9 +199,11 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
     writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
                              resume_step=start if resumed else None, tensorboard=tc.tensorboard)
-    n_params = count_params(state.params)
-    logging.info("%s: %s parameters, mesh %s, %d devices, %d processes", exp, f"{n_params:,}",
-                 dict(mesh.shape), jax.device_count(), jax.process_count())
+    n_params = count_params(state.model_params())
+    n_trainable = count_params(state.params)
+    logging.info("%s: %s parameters (%s trained), mesh %s, %d devices, %d processes", exp,
+                 f"{n_params:,}", f"{n_trainable:,}", dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
 
     data_sharding = sharding.batch_sharding(mesh)
     pid, pcount = jax.process_index(), jax.process_count()
@@ -270,7 +272,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
       if preempted:
         break
       if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-        val_metrics = evaluate(eval_step, state.params, val)
+        val_metrics = evaluate(eval_step, state.model_params(), val)
         writer.write(dict(step=done, **{f"val_{k}": v for k, v in val_metrics.items()}))
     if pending is not None:
       handle(*pending)
@@ -282,7 +284,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
     raise Preempted(last_good, ckpt.directory)
   t_end = time.time()
 
-  final = evaluate(eval_step, state.params, val)
+  final = evaluate(eval_step, state.model_params(), val)
   if start < tc.steps:  # a rerun of a finished run has logged its final evaluation already
     writer.write(dict(step=tc.steps, **{f"val_{k}": v for k, v in final.items()}))
   if not recent:  # resumed a finished run: take the last train loss from its log
@@ -292,6 +294,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
       "exp": exp,
       "steps": tc.steps,
       "params": n_params,
+      "trainable_params": n_trainable,
       "final_train_loss": recent[-1],
       "val_loss": final["loss"],
       "val_bits_per_byte": final["loss"] / math.log(2),

@@ -1,4 +1,10 @@
-"""The train state (step, params, optimizer state, PRNG key) and its sharded initialisation."""
+"""The train state (step, params, optimizer state, PRNG key) and its sharded initialisation.
+
+A parameter that no component trains (`ModelConfig.trains`: e.g. the base weights under a LoRA
+adapter) is held apart in `FrozenBaseState.frozen`: the optimizer never sees it (no moments, no
+update, no gradient computed) and `params` holds only what trains. `model_params()` is the whole
+tree the model applies, in either state.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from jaxtricks import sharding
 
@@ -20,14 +27,43 @@ class TrainState:
   opt_state: Any
   rng: jnp.ndarray  # raw uint32 key, so that checkpoints hold plain arrays
 
+  def model_params(self) -> Any:
+    """Every parameter of the model (what `model.apply` takes)."""
+    return self.params
+
+
+@flax.struct.dataclass
+class FrozenBaseState(TrainState):
+  """A state whose model has parameters that do not train: `params` are the trainable ones."""
+  frozen: Any
+
+  def model_params(self) -> Any:
+    return merge_trees(self.params, self.frozen)
+
+
+def split_trainable(model_config: Any, params: dict) -> tuple[dict, dict]:
+  """(trainable, frozen) nested dicts of `params` by `model_config.trains(path)`."""
+  parts: tuple[dict, dict] = ({}, {})
+  for path, value in traverse_util.flatten_dict(params).items():
+    parts[not model_config.trains(path)][path] = value
+  return tuple(traverse_util.unflatten_dict(p) for p in parts)
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+  """The union of two nested dicts with disjoint leaves."""
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a),
+                                       **traverse_util.flatten_dict(b)})
+
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   def init(rng: jnp.ndarray) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(init_rng, tokens)["params"]  # boxed with logical axis names
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng)
+    params, frozen = split_trainable(model.config, params)
+    parts = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                 rng=state_rng)
+    return FrozenBaseState(**parts, frozen=frozen) if frozen else TrainState(**parts)
   return init
 
 

@@ -29,7 +29,10 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
   metrics['skipped'] is 1."""
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rngs = model_rngs(model, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(model, p, batch, True, rngs), has_aux=True)
+    # Gradients of the trainable parameters only; frozen ones enter as constants.
+    def loss(params):
+      return loss_fn(model, state.replace(params=params).model_params(), batch, True, rngs)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
     (_, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -46,7 +49,8 @@ def make_train_step(model, tx: optax.GradientTransformation, loss_fn: Callable,
 
 
 def make_eval_step(model, loss_fn: Callable) -> Callable:
-  """Evaluation: `train=False`, no PRNG streams (deterministic)."""
+  """Evaluation of all the model's parameters (`state.model_params()`): `train=False`, no PRNG
+  streams (deterministic)."""
   def step(params: Any, batch: dict) -> dict:
     _, metrics = loss_fn(model, params, batch, False, None)
     return metrics
@@ -70,8 +74,9 @@ def jit_train_step(step: Callable, shardings: Any, mesh: jax.sharding.Mesh) -> C
 
 
 def jit_eval_step(step: Callable, shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
-  return in_mesh(jax.jit(step, in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
-                         out_shardings=sharding.replicated(mesh)), mesh)
+  in_shardings = (shardings.model_params(), sharding.batch_sharding(mesh))
+  return in_mesh(jax.jit(step, in_shardings=in_shardings, out_shardings=sharding.replicated(mesh)),
+                 mesh)
 
 
 def mean_metrics(metrics: list[dict]) -> dict[str, float]:
