@@ -7,10 +7,15 @@ import jaxtricks.layers.attention  # noqa: F401  attention: mha (MHA/GQA/MQA, CL
 import jaxtricks.layers.embed  # noqa: F401  embed: token; head: linear
 import jaxtricks.layers.kan  # noqa: F401  mlp: kan
 import jaxtricks.layers.linear  # noqa: F401  projection: dense
+import jaxtricks.layers.lora  # noqa: F401  projection: lora
 import jaxtricks.layers.mlp  # noqa: F401  mlp: swiglu
+import jaxtricks.layers.mora  # noqa: F401  projection: mora
 import jaxtricks.layers.mtp  # noqa: F401  mtp: transformer, linear, sequential
 import jaxtricks.layers.neftune  # noqa: F401  embed: neftune
 import jaxtricks.layers.nm_projection  # noqa: F401  projection: slope, srste
+import jaxtricks.layers.spafit  # noqa: F401  projection: spafit, bitfit
+import jaxtricks.layers.spp  # noqa: F401  projection: spp
+import jaxtricks.train.exact_match  # noqa: F401  train.loss: lm_exact
 import jaxtricks.train.kan_ffn_reg  # noqa: F401  mlp kan: its regulariser as a loss term
 import jaxtricks.train.mtp_loss  # noqa: F401  train.loss: mtp, mtp_naive
 import jaxtricks.train.sparse_optimizer  # noqa: F401  slope's optimizer transforms

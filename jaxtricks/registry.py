@@ -37,6 +37,24 @@ class Component:
     del model, path
     return True
 
+  def base(self) -> Component:
+    """The component whose parameters this one starts from when fine-tuning (`--init_from`): a
+    kind that adapts or perturbs another names it (LoRA: dense; NEFTune: token). Two models
+    whose components have equal bases hold the same pretrained parameters."""
+    return self
+
+  def merged(self, model: Any, params: dict) -> tuple[Component, dict]:
+    """(the component of the merged model, `params` with this component's own parameters
+    folded into plain weights); a component without any returns itself and `params`."""
+    del model
+    return self, params
+
+  def adopt(self, model: Any, params: dict) -> dict:
+    """Pretrained parameters of the base model made into this component's (after its own
+    freshly initialised ones are added): a check, or a projection such as N:M pruning."""
+    del model
+    return params
+
   def layers_removed(self, model: Any) -> int:
     """Trunk layers this component takes away from `model.n_layers` (compute matching)."""
     del model

@@ -152,7 +152,7 @@ def test_a_field_of_another_kind_is_an_error_naming_the_chosen_kind():
   assert str(err.value) == ("model.mlp.grid is a field of model.mlp=kan, not of the chosen "
                             "model.mlp='swiglu'; choose it with --model.mlp=kan")
   with pytest.raises(ConfigError, match=r"model.projection.n is a field of "
-                                        r"model.projection=slope/srste, not of the chosen "
+                                        r"model.projection=slope/srste/spp, not of the chosen "
                                         r"model.projection='dense'"):
     override(BASE, {"model.projection.n": "1"})
   with pytest.raises(ConfigError, match=r"^model.mlp='moe' is unknown; valid: swiglu, kan$"):

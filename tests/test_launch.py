@@ -122,8 +122,9 @@ ERRORS = {
     "field_of_another_kind": (["--preset=smoke", "--model.mlp.grid=3"], 1,
                               ["model.mlp.grid is a field of model.mlp=kan, not of the chosen "
                                "model.mlp='swiglu'"]),
-    "unknown_kind": (["--preset=smoke", "--model.projection=lora"], 1,
-                     ["model.projection='lora' is unknown; valid: dense, slope, srste"]),
+    "unknown_kind": (["--preset=smoke", "--model.projection=qlora"], 1,
+                     ["model.projection='qlora' is unknown; valid: dense, lora, mora, slope, "
+                      "srste, bitfit, spafit, spp"]),
     "old_config_format": (["--preset=smoke"], 1,
                           ["was written by an older jaxtricks (a flat model config"]),
     "batch_not_divisible": (["--preset=smoke", "--train.batch_size=12"], 8,
@@ -235,7 +236,7 @@ def test_help_lists_every_component_kind_and_field():
   for line in ("--model.mlp: default: 'swiglu' (one of swiglu, kan)",
                "--model.mlp.grid: default: 5 (with model.mlp=kan)",
                "--model.projection.decay: default: 0.0002 (with model.projection=srste)",
-               "--model.projection.n: default: 2 (with model.projection=slope/srste)",
+               "--model.projection.n: default: 2 (with model.projection=slope/srste/spp)",
                "--model.embed: default: 'token' (one of token, neftune)",
                "--model.attention.n_heads: default: 2", "--train.lr: default: 0.003"):
     assert line in text, line

@@ -2,12 +2,18 @@
 
 Files are read in sorted order and split into train / held-out by a stable hash of each file's
 path relative to the corpus root, so the split never depends on the machine, the file order or the
-seed. Tokens are bytes (vocabulary 256).
+seed. `include` / `exclude` keep only the files whose name (basename) matches one of the include
+patterns (all files when empty) and none of the exclude patterns (comma-separated fnmatch
+patterns), for domain adaptation on part of a corpus: e.g. pretraining on the standard library
+without its tests is exclude='test_*.py', fine-tuning on its tests include='test_*.py'. The
+filter does not move the corpus root, so a file kept by it falls in the same split as without it.
+Tokens are bytes (vocabulary 256).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import os
@@ -19,7 +25,7 @@ from absl import logging
 from jaxtricks.errors import ConfigError, DataError
 
 STDLIB = "stdlib"
-TASKS = ("induction", "polynomial")
+TASKS = ("induction", "polynomial", "uuid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +33,12 @@ class DataConfig:
   corpus: str = STDLIB        # 'stdlib' or a glob of text files ('**' recurses)
   val_fraction: float = 0.05  # fraction of files held out (by path hash)
   max_bytes: int = 0          # 0: the whole corpus; else keep the first max_bytes of each split
-  task: str = ""              # a synthetic task instead of the corpus: induction | polynomial
+  include: str = ""           # comma-separated fnmatch patterns on file names ('': every file)
+  exclude: str = ""           # comma-separated fnmatch patterns on file names to leave out
+  task: str = ""              # a synthetic task instead of the corpus: induction|polynomial|uuid
   task_ops: int = 5           # polynomial: operations per training expression are 1..task_ops
   task_eval_ops: int = 0      # polynomial: held-out expressions use this many (0: as training)
+  task_pairs: int = 512       # uuid: the key -> value pairs to memorise
 
   def validate(self) -> None:
     if self.task and self.task not in TASKS:
@@ -42,6 +51,12 @@ class DataConfig:
       raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
     if self.max_bytes < 0:
       raise ConfigError(f"data.max_bytes must be >= 0, got {self.max_bytes}")
+    if self.task_pairs < 1:
+      raise ConfigError(f"data.task_pairs must be >= 1, got {self.task_pairs}")
+    for name in ("include", "exclude"):
+      if "/" in getattr(self, name) or os.sep in getattr(self, name):
+        raise ConfigError(f"data.{name}={getattr(self, name)!r}: patterns match file names, "
+                          "not paths (no '/')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +85,19 @@ def glob_files(pattern: str) -> tuple[str, list[str]]:
   return root, files
 
 
+def patterns(text: str) -> list[str]:
+  """The non-empty comma-separated fnmatch patterns of `text`."""
+  return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def keep_file(path: str, include: str, exclude: str) -> bool:
+  """Whether the basename of `path` matches an include pattern (any, if none) and no exclude one
+  (case-sensitive on every platform)."""
+  name = os.path.basename(path)
+  matches = lambda text: any(fnmatch.fnmatchcase(name, p) for p in patterns(text))
+  return (not patterns(include) or matches(include)) and not matches(exclude)
+
+
 def is_held_out(relpath: str, val_fraction: float) -> bool:
   """Stable across machines and runs: the first 8 bytes of md5(path) as a fraction of 2**64."""
   digest = hashlib.md5(relpath.replace(os.sep, "/").encode()).digest()
@@ -84,6 +112,12 @@ def load_corpus(cfg: DataConfig, min_len: int = 2) -> Corpus:
     root, files = glob_files(cfg.corpus)
   if not files:
     raise DataError(f"corpus {cfg.corpus!r} matched no files")
+  if cfg.include or cfg.exclude:
+    kept = [f for f in files if keep_file(f, cfg.include, cfg.exclude)]
+    if not kept:
+      raise DataError(f"corpus {cfg.corpus!r}: include={cfg.include!r} exclude={cfg.exclude!r} "
+                      f"leave none of its {len(files)} files")
+    files = kept
   parts: dict[bool, list[bytes]] = {False: [], True: []}
   unreadable = []
   for path in files:

@@ -3,7 +3,8 @@
 A source gives `train_batch(seed, step, batch_size, seq_len, process_index, process_count)`, a
 pure function of (seed, step), and `eval_batches(seq_len, batch_size, n_batches, process_index,
 process_count)`, fixed held-out batches; both return this process's rows as numpy dicts with
-'inputs', 'targets' and, for tasks, 'weights' (1 where a target is scored).
+'inputs', 'targets' and, for tasks, 'weights' (1 where a target is scored; the uuid task also
+gives 'segments', jaxtricks.data.uuid_pairs).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def make_source(cfg: DataConfig, seq_len: int):
     return CorpusSource(load_corpus(cfg, min_len=seq_len + 1))
   from jaxtricks.data.synthetic import make_task  # noqa: PLC0415 (only tasks need it)
 
-  return make_task(cfg.task, max_ops=cfg.task_ops, eval_ops=cfg.task_eval_ops or None)
+  return make_task(cfg.task, max_ops=cfg.task_ops, eval_ops=cfg.task_eval_ops or None,
+                   n_pairs=cfg.task_pairs)
 
 
 def held_out_prompts(source, n: int, length: int) -> list[np.ndarray]:

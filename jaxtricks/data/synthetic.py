@@ -231,6 +231,7 @@ class PolynomialTask(_Task):
 
 
 TASKS: dict[str, type[_Task]] = {"induction": InductionTask, "polynomial": PolynomialTask}
+import jaxtricks.data.uuid_pairs  # noqa: E402, F401  (it subclasses _Task; adds TASKS["uuid"])
 
 
 def make_task(name: str, **options: Any) -> InductionTask | PolynomialTask:

@@ -35,13 +35,16 @@ class Linear(nn.Module):
   dtype: str = "float32"
   param_dtype: str = "float32"
 
+  def make_kernel(self, in_shape: tuple[int, ...], init=None) -> jnp.ndarray:
+    """The `kernel` parameter (in_shape + features), drawn by `init` (default: normal(std))."""
+    init = default_init(self.std) if init is None else init
+    return self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
+                      (*in_shape, *self.features), resolve_dtype(self.param_dtype))
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     in_shape = x.shape[-self.in_ndim:]
-    shape = (*in_shape, *self.features)
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(default_init(self.std), tuple(self.axes)),
-        shape, resolve_dtype(self.param_dtype))
+    kernel = self.make_kernel(in_shape)
     dtype = resolve_dtype(self.dtype)
     # One (rows, n_in) @ (n_in, n_out) matmul: the einsum over several batch and feature axes
     # lowers to a batched dot that runs ~15% slower on CPU.

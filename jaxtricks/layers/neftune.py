@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtricks.errors import ConfigError
-from jaxtricks.layers.embed import Embed
+from jaxtricks.layers.embed import Embed, TokenEmbedConfig
 from jaxtricks.registry import Component, register
 
 
@@ -41,6 +41,12 @@ class NEFTuneEmbedConfig(Component):
   """The token embedding with NEFTune's training noise (`--model.embed=neftune`)."""
   neftune_alpha: float = 5.0    # the paper's alpha: 5, 10 or 15
   rng_streams: ClassVar[tuple[str, ...]] = ("noise",)
+
+  def base(self) -> Component:
+    return TokenEmbedConfig()
+
+  def merged(self, model: Any, params: dict) -> tuple[Component, dict]:
+    return TokenEmbedConfig(), params  # the noise is off outside training
 
   def validate(self, model: Any) -> None:
     if self.neftune_alpha < 0:

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 
 from jaxtricks.errors import ConfigError
-from jaxtricks.layers.linear import Linear
+from jaxtricks.layers.linear import DenseProjection, Linear
 from jaxtricks.layers.sparse_linear import NMSpec, SparseLinear
 from jaxtricks.registry import Component, register
 
@@ -50,6 +51,31 @@ class NMProjection(Component):
   def factory(self, model: Any, layer: int, where: str) -> Callable[..., nn.Module]:
     spec = self.spec(model, layer, where)
     return Linear if spec is None else functools.partial(SparseLinear, spec=spec)
+
+  def base(self):
+    return DenseProjection()
+
+  def merged(self, model: Any, params: dict) -> tuple[Component, dict]:
+    """Dense kernels equal to what the forward multiplies by (masked, rescaled, adapters added);
+    SLoPe's held transposed masks dropped."""
+    from jaxtricks.models import sparse  # noqa: PLC0415 (models import layers)
+    from jaxtricks.models.transformer import Transformer  # noqa: PLC0415
+
+    leaves = sparse.nm_leaves(Transformer(model))
+    flat = traverse_util.flatten_dict(
+        sparse.merged_params(params, leaves, sparse.spec_of_path(model)))
+    flat = {p: v for p, v in flat.items() if p[-1] != "col_positions"}
+    return DenseProjection(), traverse_util.unflatten_dict(flat)
+
+  def adopt(self, model: Any, params: dict) -> dict:
+    """Plain pretrained kernels pruned to this model's N:M by magnitude (one-shot pruning)."""
+    from jaxtricks.models import sparse  # noqa: PLC0415
+    from jaxtricks.models.transformer import Transformer  # noqa: PLC0415
+
+    flat = traverse_util.flatten_dict(params)
+    for path, leaf in sparse.nm_leaves(Transformer(model)).items():
+      flat[path] = sparse.effective_kernel(flat[path], leaf)
+    return traverse_util.unflatten_dict(flat)
 
   def validate(self, model: Any) -> None:
     if self.blocks and len(self.blocks) != model.depth:

@@ -81,8 +81,7 @@ class SparseLinear(Linear):
       init = pruned_init(init, spec.n, spec.m, self.in_ndim)
     if self.is_initializing():
       self.sow("nm_spec", "kernel", NMLeaf(spec.n, spec.m, self.in_ndim - 1))
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.axes)),
-                        (*in_shape, *self.features), resolve_dtype(self.param_dtype))
+    kernel = self.make_kernel(in_shape, init)
     dtype = resolve_dtype(self.dtype)
     batch_shape = x.shape[:x.ndim - self.in_ndim]
     x_RxI = x.astype(dtype).reshape(-1, n_in)
