@@ -1,13 +1,15 @@
 """jaxtricks entry point.
 
     python launch.py --exp=NAME [--workdir=DIR] [--preset=smoke|default|full] [--steps=N]
-                     [--seed=S] [--ckpt_every=N] [--log_every=N] [--model.d_model=256 ...]
+                     [--seed=S] [--ckpt_every=N] [--log_every=N] [--init_from=WORKDIR]
+                     [--model.d_model=256 ...]
 
 Every field of the experiment's config is a flag (`--help` lists them with their defaults).
 Running the same command again resumes from the latest checkpoint in the workdir. SIGTERM saves a
-checkpoint at the next step boundary and exits 0. Several processes (one per host): pass
---coordinator_address, --num_processes and --process_id, or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID (BUILD.md).
+checkpoint at the next step boundary and exits 0. `--init_from` starts from the parameters of
+another run's newest checkpoint (fine-tuning; that workdir is only read). Several processes (one
+per host): pass --coordinator_address, --num_processes and --process_id, or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (BUILD.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import app, flags, logging
 EXP_DEFAULT = "lm"
 PRESET_DEFAULT = "default"
 SHORTCUTS = {"steps": "train.steps", "seed": "train.seed", "ckpt_every": "train.ckpt_every",
-             "log_every": "train.log_every"}
+             "log_every": "train.log_every", "init_from": "train.init_from"}
 
 flags.DEFINE_string("exp", EXP_DEFAULT, "experiment name (experiments/NAME.py)")
 flags.DEFINE_string("preset", PRESET_DEFAULT, "smoke (<1 min CPU), default (<5 min CPU), full")

@@ -101,6 +101,27 @@ def to_dict(cfg: Any) -> dict[str, Any]:
   return out
 
 
+def flatten_json(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """Nested dicts (what to_dict gives, read back from JSON) as {dotted key: value}."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten_json(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def from_dict(cfg: Any, tree: dict, prefix: str = "") -> Any:
+  """`cfg` with the fields that `to_dict` wrote into `tree` (under `prefix`, e.g. 'model.'), as
+  read back from JSON: a component's 'kind' chooses the kind, lists become tuples."""
+  updates = {}
+  for key, value in flatten_json(tree, prefix).items():
+    key = key[:-len(".kind")] if key.endswith(".kind") else key
+    updates[key] = tuple(value) if isinstance(value, list) else value
+  return override(cfg, updates)
+
+
 def to_json(cfg: Any) -> str:
   return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 

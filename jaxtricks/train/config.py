@@ -30,6 +30,7 @@ class TrainConfig:
   async_checkpoints: bool = True
   skip_nonfinite: bool = False  # True: a NaN/inf step is skipped (update dropped), not fatal
   tensorboard: bool = False     # also write TensorBoard event files (scalars, PNG figures)
+  init_from: str = ""           # a pretrained run's workdir: start from its parameters
 
   def validate(self) -> None:
     for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_checkpoints"):

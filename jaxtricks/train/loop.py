@@ -26,11 +26,12 @@ from jax.experimental import multihost_utils
 from jaxtricks import metrics as mlog
 from jaxtricks import sharding
 from jaxtricks.checkpoint import Checkpointer, abstract_with_shardings
-from jaxtricks.config import Config, flatten, to_dict
+from jaxtricks.config import Config, flatten, flatten_json, to_dict
 from jaxtricks.data.corpus import Corpus
 from jaxtricks.data.sources import make_source
 from jaxtricks.errors import ConfigError, UserError
 from jaxtricks.models.transformer import Transformer
+from jaxtricks.train import init_from
 from jaxtricks.train import step as step_lib
 from jaxtricks.train.build import build
 from jaxtricks.train.state import TrainState, count_params
@@ -122,16 +123,6 @@ def _to_global(batch: dict[str, np.ndarray], data_sharding, global_rows: int) ->
           for k, v in batch.items()}
 
 
-def _flat_json(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_json(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def check_resumable(workdir: str, config: Config) -> None:
   """Refuses to resume a checkpoint written for a different model config, or in the flat model
   config format of jaxtricks before components (model.n_heads, model.mtp_heads, ...)."""
@@ -144,13 +135,13 @@ def check_resumable(workdir: str, config: Config) -> None:
     raise ConfigError(f"{workdir} was written by an older jaxtricks (a flat model config, before "
                       "components); this version cannot resume it: use another --workdir or "
                       "delete it")
-  as_json = lambda obj: _flat_json(json.loads(json.dumps(to_dict(obj))))  # tuples -> lists
+  as_json = lambda obj: flatten_json(json.loads(json.dumps(to_dict(obj))))  # tuples -> lists
   model = config.model
   # A field added since the checkpoint was written is fine at its default (of the same kind).
   defaults = dataclasses.replace(type(model)(), **{
       f.name: type(getattr(model, f.name))() for f in dataclasses.fields(model)
       if dataclasses.is_dataclass(getattr(model, f.name))})
-  current, defaults, saved = as_json(model), as_json(defaults), _flat_json(saved)
+  current, defaults, saved = as_json(model), as_json(defaults), flatten_json(saved)
   saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
   diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
   if diff:
@@ -176,6 +167,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
   t_start = time.time()
   built = build(config)
   tc, mesh, model, shardings = config.train, built.mesh, built.model, built.shardings
+  pretrained = init_from.check(config, workdir) if tc.init_from else None
   source = make_source(config.data, tc.seq_len)
   check_workdir(workdir)
   check_free_space(workdir, built.abstract_state)
@@ -196,6 +188,9 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
       logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:
       state = built.init_state()
+      if pretrained is not None:
+        state = init_from.load(pretrained, built, state)
+        logging.info("initialised from %s, step %d", pretrained.directory, pretrained.step)
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
     writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),
                              resume_step=start if resumed else None, tensorboard=tc.tensorboard)
