@@ -11,7 +11,7 @@ from types import ModuleType
 
 from jaxtricks.errors import ConfigError
 
-EXPERIMENTS = ("lm", "cla", "mtp", "kan", "slope")
+EXPERIMENTS = ("lm", "cla", "mtp", "kan", "slope", "finetune")
 
 
 def load(name: str) -> ModuleType:

@@ -56,13 +56,14 @@ def plot_labeled_points(points: Sequence[tuple[str, float, float]], out_path: st
 
 
 def plot_loglog(series: dict[str, tuple[Sequence[float], Sequence[float], str]], out_path: str,
-                xlabel: str, ylabel: str) -> str | None:
-  """Log-log curves {label: (x, y, matplotlib format)}; returns the PNG path (process 0 only)."""
+                xlabel: str, ylabel: str, log: bool = True) -> str | None:
+  """Curves {label: (x, y, matplotlib format)} on log-log axes (linear ones with log=False);
+  returns the PNG path (process 0 only)."""
   if jax.process_index() != 0:
     return None
   fig, ax = plt.subplots(figsize=(5, 4))
   for label, (x, y, fmt) in series.items():
-    ax.loglog(x, y, fmt, label=label)
+    (ax.loglog if log else ax.plot)(x, y, fmt, label=label)
   return _finish(fig, ax, out_path, xlabel, ylabel, legend=True)
 
 

@@ -82,10 +82,11 @@ def register(slot: str, kind: str) -> Callable[[type], type]:
 
 
 def kinds(slot: str) -> dict[str, type]:
-  """{kind: config class} of `slot`, every registered kind loaded."""
+  """{kind: config class} of `slot`, every registered kind loaded, in alphabetical order (not
+  import order, which depends on what was imported first)."""
   import jaxtricks.components  # noqa: F401, PLC0415 (registers every kind)
 
-  return KINDS[slot]
+  return dict(sorted(KINDS[slot].items()))
 
 
 def is_component(value: Any) -> bool:

@@ -152,17 +152,17 @@ def test_a_field_of_another_kind_is_an_error_naming_the_chosen_kind():
   assert str(err.value) == ("model.mlp.grid is a field of model.mlp=kan, not of the chosen "
                             "model.mlp='swiglu'; choose it with --model.mlp=kan")
   with pytest.raises(ConfigError, match=r"model.projection.n is a field of "
-                                        r"model.projection=slope/srste/spp, not of the chosen "
+                                        r"model.projection=slope/spp/srste, not of the chosen "
                                         r"model.projection='dense'"):
     override(BASE, {"model.projection.n": "1"})
-  with pytest.raises(ConfigError, match=r"^model.mlp='moe' is unknown; valid: swiglu, kan$"):
+  with pytest.raises(ConfigError, match=r"^model.mlp='moe' is unknown; valid: kan, swiglu$"):
     override(BASE, {"model.mlp": "moe"})
 
 
 def test_flag_defaults_list_every_kind_s_fields():
   flags = flag_defaults(BASE)
   assert set(flatten(BASE)) < set(flags)
-  assert flags["model.mlp"] == ("swiglu", " (one of swiglu, kan)")
+  assert flags["model.mlp"] == ("swiglu", " (one of kan, swiglu)")
   assert flags["model.mlp.grid"] == (5, " (with model.mlp=kan)")
   assert flags["model.projection.decay"] == (2e-4, " (with model.projection=srste)")
   assert flags["model.mlp.d_ff"] == (0, "")  # a field of the chosen kind

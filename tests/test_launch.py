@@ -123,8 +123,8 @@ ERRORS = {
                               ["model.mlp.grid is a field of model.mlp=kan, not of the chosen "
                                "model.mlp='swiglu'"]),
     "unknown_kind": (["--preset=smoke", "--model.projection=qlora"], 1,
-                     ["model.projection='qlora' is unknown; valid: dense, lora, mora, slope, "
-                      "srste, bitfit, spafit, spp"]),
+                     ["model.projection='qlora' is unknown; valid: bitfit, dense, lora, mora, "
+                      "slope, spafit, spp, srste"]),
     "old_config_format": (["--preset=smoke"], 1,
                           ["was written by an older jaxtricks (a flat model config"]),
     "batch_not_divisible": (["--preset=smoke", "--train.batch_size=12"], 8,
@@ -233,10 +233,10 @@ def test_help_lists_every_component_kind_and_field():
   proc = support.launch("--exp=lm", "--preset=smoke", "--help")  # absl exits 1 after --help
   text = " ".join((proc.stdout + proc.stderr).split())  # absl wraps long help lines
   assert "Traceback" not in text, support.describe(proc)
-  for line in ("--model.mlp: default: 'swiglu' (one of swiglu, kan)",
+  for line in ("--model.mlp: default: 'swiglu' (one of kan, swiglu)",
                "--model.mlp.grid: default: 5 (with model.mlp=kan)",
                "--model.projection.decay: default: 0.0002 (with model.projection=srste)",
-               "--model.projection.n: default: 2 (with model.projection=slope/srste/spp)",
-               "--model.embed: default: 'token' (one of token, neftune)",
+               "--model.projection.n: default: 2 (with model.projection=slope/spp/srste)",
+               "--model.embed: default: 'token' (one of neftune, token)",
                "--model.attention.n_heads: default: 2", "--train.lr: default: 0.003"):
     assert line in text, line

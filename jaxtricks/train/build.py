@@ -35,11 +35,12 @@ class Built:
   train_step: Callable           # jitted (state, batch) -> (state, metrics), state donated
   eval_step: Callable            # jitted (params, batch) -> metrics
 
-  def init_state(self, seed: int | None = None) -> TrainState:
-    """A fresh state, initialised directly into its sharded layout."""
+  def init_state(self, seed: int | None = None, loaded: dict | None = None) -> TrainState:
+    """A fresh state, initialised directly into its sharded layout; the parameters in `loaded`
+    (pretrained ones, jaxtricks.train.init_from) replace their fresh draws."""
     tc = self.config.train
     return init_state(self.model, self.tx, tc.seq_len, tc.seed if seed is None else seed,
-                      self.shardings)
+                      self.shardings, loaded)
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:

@@ -11,7 +11,8 @@ the token embedding), and a difference is a one-line error naming the fields. Wh
 kinds differ (a dense or SLoPe source, a LoRA target) the source's parameters are first merged into
 plain weights (`jaxtricks.models.merge`), then the target's projection adopts them (SPP checks
 their N:M sparsity). Parameters that the target has and the source does not (the adapters) keep
-their fresh initialisation; the optimizer state starts afresh from the loaded parameters.
+their fresh initialisation (`Built.init_state(loaded=...)`, one compiled initialisation); the
+optimizer state starts afresh from the loaded parameters.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -33,13 +33,7 @@ from jaxtricks.models import merge
 from jaxtricks.models.config import ModelConfig
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.registry import SLOTS
-from jaxtricks.train.state import (
-  FrozenBaseState,
-  TrainState,
-  merge_trees,
-  split_trainable,
-  state_shardings,
-)
+from jaxtricks.train.state import FrozenBaseState, merge_trees, state_shardings
 
 CHECKPOINTS = "checkpoints"
 
@@ -159,30 +153,20 @@ def _restore_params(source: Source, mesh: jax.sharding.Mesh) -> dict:
   return merge_trees(restored["params"], restored.get("frozen", {}))
 
 
-def load(source: Source, built: Any, state: TrainState) -> TrainState:
-  """`state` (freshly initialised for `built`) with the source's parameters in place and the
-  optimizer state initialised from them."""
+def load(source: Source, built: Any) -> dict:
+  """The source's parameters as the run of `built` takes them (`built.init_state(loaded=...)`:
+  parameters it lacks, the adapters, keep their fresh draws; the optimizer state starts from
+  the loaded ones)."""
   target = built.config.model
   params = _restore_params(source, built.mesh)
   if source.model.projection != target.projection:
     _, params = merge.merged_params(source.model, params, slots=("projection",))
-  fresh = traverse_util.flatten_dict(state.model_params())
-  loaded = traverse_util.flatten_dict(params)
-  for path, value in loaded.items():
-    if path not in fresh:
+  wanted = traverse_util.flatten_dict(built.abstract_state.model_params())
+  for path, value in traverse_util.flatten_dict(params).items():
+    if path not in wanted:
       raise InitFromError(f"--init_from={source.directory}: parameter {'/'.join(path)} has no "
                           "place in this model")
-    if value.shape != fresh[path].shape:
+    if value.shape != wanted[path].shape:
       raise InitFromError(f"--init_from={source.directory}: parameter {'/'.join(path)} has "
-                          f"shape {value.shape} there and {fresh[path].shape} here")
-  params = target.projection.adopt(target, traverse_util.unflatten_dict({**fresh, **loaded}))
-  trainable, frozen = split_trainable(target, params)
-  shardings = built.shardings
-
-  def place(trainable, frozen, rng):
-    parts = dict(step=jnp.zeros((), jnp.int32), params=trainable,
-                 opt_state=built.tx.init(trainable), rng=rng)
-    return FrozenBaseState(**parts, frozen=frozen) if frozen else TrainState(**parts)
-
-  with jax.set_mesh(built.mesh):
-    return jax.jit(place, out_shardings=shardings)(trainable, frozen, state.rng)
+                          f"shape {value.shape} there and {wanted[path].shape} here")
+  return target.projection.adopt(target, params)

@@ -187,9 +187,9 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
                         tc.seed)
       logging.info("resumed from %s at step %d", ckpt.directory, start)
     else:
-      state = built.init_state()
+      loaded = None if pretrained is None else init_from.load(pretrained, built)
+      state = built.init_state(loaded=loaded)
       if pretrained is not None:
-        state = init_from.load(pretrained, built, state)
         logging.info("initialised from %s, step %d", pretrained.directory, pretrained.step)
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp=exp))
     writer = mlog.JsonlWriter(os.path.join(workdir, "metrics.jsonl"),

@@ -56,15 +56,26 @@ def merge_trees(a: dict, b: dict) -> dict:
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
-  def init(rng: jnp.ndarray) -> TrainState:
+  def init(rng: jnp.ndarray, loaded: dict | None = None) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(init_rng, tokens)["params"]  # boxed with logical axis names
+    if loaded:
+      params = _overwrite(params, loaded)
     params, frozen = split_trainable(model.config, params)
     parts = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                  rng=state_rng)
     return FrozenBaseState(**parts, frozen=frozen) if frozen else TrainState(**parts)
   return init
+
+
+def _overwrite(boxed: dict, values: dict) -> dict:
+  """`boxed` parameters with the values of `values` where it has them (boxes kept)."""
+  flat = traverse_util.flatten_dict(boxed)
+  for path, value in traverse_util.flatten_dict(values).items():
+    old = flat[path]
+    flat[path] = old.replace_boxed(value) if isinstance(old, nn.meta.AxisMetadata) else value
+  return traverse_util.unflatten_dict(flat)
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len: int,
@@ -78,11 +89,12 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, seq_len:
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, seed: int,
-               shardings: Any) -> TrainState:
-  """Initialises directly into the sharded layout (no full copy on one device)."""
+               shardings: Any, loaded: dict | None = None) -> TrainState:
+  """Initialises directly into the sharded layout (no full copy on one device); parameters in
+  `loaded` (a subtree of the model's, e.g. pretrained weights) replace their fresh draws."""
   init = _init_fn(model, tx, seq_len)
   rng = jax.random.key_data(jax.random.key(seed))
-  return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return jax.jit(lambda r, p: nn.unbox(init(r, p)), out_shardings=shardings)(rng, loaded)
 
 
 def count_params(params: Any) -> int:

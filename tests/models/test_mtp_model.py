@@ -105,7 +105,8 @@ def test_compute_matched_removes_trunk_layers():
   assert len(blocks) == 3 and len([k for k in params if k.startswith("mtp_")]) == 3
   with pytest.raises(ConfigError, match="remove 3 of model.n_layers=3 layers"):
     override(cfg, {"n_layers": 3}).validate()
-  with pytest.raises(ConfigError, match="mtp='medusa' is unknown; valid: transformer"):
+  with pytest.raises(ConfigError,
+                     match="mtp='medusa' is unknown; valid: linear, sequential, transformer"):
     override(cfg, {"mtp": "medusa"})
 
 

@@ -48,7 +48,7 @@ def _config(source, **model):
 
 def _load(config, workdir):
   built = build(config)
-  return init_from.load(init_from.check(config, str(workdir)), built, built.init_state())
+  return built.init_state(loaded=init_from.load(init_from.check(config, str(workdir)), built))
 
 
 def _flat(tree):
