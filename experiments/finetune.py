@@ -28,11 +28,11 @@ preset `merged_density` is the non-zero fraction of the merged projection kernel
 at 2:4, LoRA's dense update does not).
 
 summary.json: `pretrained` (its held-out losses on both domains), `rows` = [{task, method,
-trainable_params, train_state_bytes, frozen_bytes, val_loss, forgetting (domain),
-exact_match, char_accuracy and exact_match_curve (memorise), merged_equal, merged_max_abs_diff,
-max_abs_logit, merged_density, wall_s}], `train_state_ratio_lora_to_full`; memorisation.png (exact
-match against steps per method). One seed: differences within a few hundredths of a nat are
-noise at this scale.
+trainable_params, train_state_bytes, optimizer_state_bytes, frozen_bytes, val_loss, forgetting
+(domain), exact_match, char_accuracy and exact_match_curve (memorise), merged_equal,
+merged_max_abs_diff, max_abs_logit, merged_density, wall_s}], `train_state_ratio_lora_to_full`;
+memorisation.png (exact match against steps per method). One seed: differences within a few
+hundredths of a nat are noise at this scale.
 """
 
 from __future__ import annotations
@@ -242,6 +242,7 @@ def _finetune(config: FinetuneConfig, base: ModelConfig, source: str, task: str,
       "params": result.summary["params"],
       "trainable_params": result.summary["trainable_params"],
       "train_state_bytes": _bytes(state.params) + _bytes(state.opt_state),
+      "optimizer_state_bytes": _bytes(state.opt_state),
       "frozen_bytes": _bytes(frozen),
       "val_loss": result.summary["val_loss"],
       **merge_check(cfg.model, params, np.asarray(batch["inputs"][:4])),

@@ -83,10 +83,10 @@ def read_source(directory: str) -> Source:
                         "needs a language-model run (e.g. --exp=lm)")
   steps = _finished_steps(directory)
   if not steps and os.path.isdir(variants):
-    names = sorted(os.listdir(variants))
+    runs = sorted(root for root, dirs, _ in os.walk(variants) if CHECKPOINTS in dirs)
     raise InitFromError(f"{where} holds the variants of --exp={exp}, not one run; point it at "
-                        f"one of them, e.g. {os.path.join(directory, 'variants', names[0])}"
-                        if names else f"{where} holds no finished variant of --exp={exp}")
+                        f"one of them, e.g. {runs[0]}" if runs else
+                        f"{where} holds no finished variant of --exp={exp}")
   if not isinstance(saved.get("model"), dict) or not isinstance(
       saved["model"].get("attention"), dict):
     raise InitFromError(f"{where}: config.json holds no language model of this jaxtricks "

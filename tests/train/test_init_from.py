@@ -101,7 +101,8 @@ def _write_config(directory, **content):
     ("missing", "no such directory"),
     ("empty", "is not a jaxtricks run"),
     ("kan", "is a KAN run"),
-    ("variants", "holds the variants of --exp=slope"),
+    ("variants", "holds the variants of --exp=slope, not one run; point it at one of them, "
+                 "e.g. "),
     ("no_checkpoint", "has no finished checkpoint"),
     ("other_model", "holds another model (model.d_model: 32 there, 48 here)"),
     ("own_workdir", "is the run's own --workdir"),
@@ -113,8 +114,8 @@ def test_bad_sources(sources, tmp_path, case, message):
       "missing": lambda: tmp_path / "nowhere",
       "empty": lambda: (tmp_path / "empty").mkdir() or tmp_path / "empty",
       "kan": lambda: _write_config(tmp_path / "kan", exp="kan", width=[2, 1]),
-      "variants": lambda: (_write_config(tmp_path / "sl", exp="slope", model={})
-                           / "variants" / "dense").mkdir(parents=True) or tmp_path / "sl",
+      "variants": lambda: (_write_config(tmp_path / "sl", exp="slope", model={}) / "variants"
+                           / "dense" / "checkpoints").mkdir(parents=True) or tmp_path / "sl",
       "no_checkpoint": lambda: _write_config(
           tmp_path / "new", exp="lm",
           model=json.loads((dense / "config.json").read_text())["model"]),
