@@ -17,6 +17,7 @@ from jaxtricks.layers.lora import LoRAProjection
 from jaxtricks.layers.neftune import NEFTuneEmbedConfig
 from jaxtricks.layers.nm_projection import SlopeProjection
 from jaxtricks.layers.spp import SPPProjection
+from jaxtricks.models import merge
 from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.train import init_from
 from jaxtricks.train.build import build
@@ -82,6 +83,27 @@ def test_spp_keeps_the_slope_masks_and_refuses_a_dense_model(sources, tmp_path):
   assert np.mean(loaded[("block_0", "attn", "q", "kernel")] != 0) == 0.5
   with pytest.raises(init_from.ConfigError, match="spp needs an N:M sparse pretrained model"):
     _load(_config(dense, projection=SPPProjection(rank=2)), tmp_path / "spp_dense")
+
+
+def test_a_step_changes_only_the_adapters_and_spp_stays_sparse(sources, tmp_path):
+  _, slope = sources
+  config = _config(slope, projection=SPPProjection(rank=2))
+  built = build(config)
+  state = built.init_state(loaded=init_from.load(init_from.check(config, str(tmp_path)), built))
+  before = _flat({"params": state.params, "frozen": state.frozen})
+  rng = np.random.default_rng(0)
+  window = rng.integers(0, 256, (TRAIN.batch_size, TRAIN.seq_len + 1)).astype(np.int32)
+  new, _ = built.train_step(state, {"inputs": window[:, :-1], "targets": window[:, 1:]})
+  after = _flat({"params": new.params, "frozen": new.frozen})
+  changed = {p for p in before if p[0] in ("params", "frozen")
+             and not np.array_equal(before[p], after[p])}
+  assert changed and all(p[0] == "params" and p[-1] in ("spp_a", "spp_b") for p in changed)
+  _, merged = merge.merged_params(config.model, jax.device_get(new.model_params()))
+  for path, w in _flat(merged).items():
+    if path[-1] == "kernel" and path[-2] in ("q", "k", "v", "up", "gate"):
+      w_IxO = np.asarray(w).reshape(w.shape[0], -1)
+      assert (w_IxO != 0).reshape(-1, 4, w_IxO.shape[1]).sum(axis=1).max() <= 2, path
+      assert np.mean(w_IxO != 0) == 0.5, path
 
 
 def test_a_slope_source_merges_into_a_lora_model(sources, tmp_path):
