@@ -209,32 +209,33 @@ def evaluate(config: Config, params, data: DataConfig) -> float:
   return float(np.mean(losses))
 
 
-def _logits(model: ModelConfig, params, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(the adapted model's logits, the merged model's), in the model's dtype (the final hidden
-  state times the unembedding: `Transformer.logits` would round them to float32)."""
+def _logits(model: ModelConfig, params, tokens: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(the adapted model's logits, the merged model's, the merged parameters), in the model's
+  dtype (the final hidden state times the unembedding: `Transformer.logits` would round them to
+  float32)."""
   merged_model, merged = merged_params(model, params)
 
   def logits(config, p):
     hidden = Transformer(config).apply({"params": p}, tokens, method="hidden")
     return np.asarray(hidden @ config.head.unembedding(p["head"]))
 
-  return logits(model, params), logits(merged_model, merged)
+  return logits(model, params), logits(merged_model, merged), merged
 
 
 def merge_check(model: ModelConfig, params, tokens: np.ndarray) -> dict:
   """The merged model's logits against the adapted model's: with float64 parameters and matmuls
   (the merge itself, `merged_max_abs_diff`, which `merged_equal` holds to MERGE_TOLERANCE; the
-  norms and softmax compute in float32 as always) and in float32 (what a
-  float32 user sees, beside `float32_error`, the adapted model's own float32 round-off against
-  float64); and the merged projection kernels' density."""
+  norms and softmax compute in float32 as always) and in float32 (what a float32 user sees,
+  beside `float32_error`, the adapted model's own float32 round-off against float64); and the
+  merged projection kernels' density."""
   params = jax.device_get(params)
-  adapted32, merged32 = _logits(model, params, tokens)
+  adapted32, merged32, merged = _logits(model, params, tokens)
   with jax.enable_x64(True):
     model64 = dataclasses.replace(model, dtype="float64", param_dtype="float64")
-    adapted64, merged64 = _logits(model64, jax.tree.map(lambda x: np.asarray(x, np.float64),
-                                                        params), tokens)
+    adapted64, merged64, _ = _logits(model64, jax.tree.map(
+        lambda x: np.asarray(x, np.float64), params), tokens)
   diff = float(np.max(np.abs(adapted64 - merged64)))
-  _, merged = merged_params(model, params)
   kernels = [np.asarray(v) for p, v in traverse_util.flatten_dict(merged).items()
              if p[0].startswith("block_") and p[-1] == "kernel" and p[-2] in
              ("q", "k", "v", "o", "gate", "up", "down")]

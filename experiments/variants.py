@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxtricks import metrics as mlog
-from jaxtricks.config import flatten
+from jaxtricks.config import changed_keys, flatten
 from jaxtricks.errors import ConfigError, UserError
 from jaxtricks.train.loop import Preempted
 
@@ -48,7 +48,7 @@ def _read_row(path: str, name: str, key: dict[str, Any]) -> dict | None:
     mlog.log_progress(f"variant {name}: {path} was unreadable (renamed *.unreadable); "
                       "training it again")
     return None
-  diff = sorted(k for k in set(saved_key) | set(key) if saved_key.get(k) != key.get(k))
+  diff = changed_keys(saved_key, key)
   if diff:
     changes = ", ".join(f"{k}: {saved_key.get(k)!r} -> {key.get(k)!r}" for k in diff[:6])
     more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""

@@ -112,6 +112,17 @@ def flatten_json(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def as_flat_json(cfg: Any) -> dict[str, Any]:
+  """`flatten_json` of `to_dict(cfg)` as JSON gives it back (tuples as lists), for comparing a
+  config with one read from config.json."""
+  return flatten_json(json.loads(json.dumps(to_dict(cfg))))
+
+
+def changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+  """The keys, sorted, whose values differ between two flat configs (absent counts as None)."""
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def from_dict(cfg: Any, tree: dict, prefix: str = "") -> Any:
   """`cfg` with the fields that `to_dict` wrote into `tree` (under `prefix`, e.g. 'model.'), as
   read back from JSON: a component's 'kind' chooses the kind, lists become tuples."""

@@ -27,7 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from jaxtricks.config import Config, flatten_json, from_dict, to_dict
+from jaxtricks.config import Config, as_flat_json, changed_keys, from_dict
 from jaxtricks.errors import ConfigError, UserError
 from jaxtricks.models import merge
 from jaxtricks.models.config import ModelConfig
@@ -108,9 +108,8 @@ def base_config(model: ModelConfig) -> ModelConfig:
 
 def check_same_model(source: Source, model: ModelConfig) -> None:
   """A one-line InitFromError naming every field in which the two base models differ."""
-  as_json = lambda m: flatten_json(json.loads(json.dumps(to_dict(base_config(m)))))  # noqa: E731
-  saved, current = as_json(source.model), as_json(model)
-  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  saved, current = as_flat_json(base_config(source.model)), as_flat_json(base_config(model))
+  diff = changed_keys(saved, current)
   if diff:
     changes = ", ".join(f"model.{k}: {saved.get(k)!r} there, {current.get(k)!r} here"
                         for k in diff)

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from jaxtricks import metrics as mlog
 from jaxtricks import sharding
 from jaxtricks.checkpoint import Checkpointer, abstract_with_shardings
-from jaxtricks.config import Config, flatten, flatten_json, to_dict
+from jaxtricks.config import Config, as_flat_json, changed_keys, flatten, flatten_json, to_dict
 from jaxtricks.data.corpus import Corpus
 from jaxtricks.data.sources import make_source
 from jaxtricks.errors import ConfigError, UserError
@@ -135,15 +135,14 @@ def check_resumable(workdir: str, config: Config) -> None:
     raise ConfigError(f"{workdir} was written by an older jaxtricks (a flat model config, before "
                       "components); this version cannot resume it: use another --workdir or "
                       "delete it")
-  as_json = lambda obj: flatten_json(json.loads(json.dumps(to_dict(obj))))  # tuples -> lists
   model = config.model
   # A field added since the checkpoint was written is fine at its default (of the same kind).
   defaults = dataclasses.replace(type(model)(), **{
       f.name: type(getattr(model, f.name))() for f in dataclasses.fields(model)
       if dataclasses.is_dataclass(getattr(model, f.name))})
-  current, defaults, saved = as_json(model), as_json(defaults), flatten_json(saved)
+  current, defaults, saved = as_flat_json(model), as_flat_json(defaults), flatten_json(saved)
   saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-  diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  diff = changed_keys(saved, current)
   if diff:
     changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
     raise ConfigError(f"{workdir} holds checkpoints of a different model ({changes}); use "
