@@ -4,9 +4,10 @@ step for speculative decoding), greedy / temperature / top-k / top-p (Holtzman e
 
 The cache holds keys (after RoPE) and values as (B, K, S_max, H) arrays, head-major because
 decoding reads that layout fastest, for K/V-producing layers only, so a Cross-Layer Attention model
-with sharing factor s allocates 1/s of the memory; `lengths` (B,) is each row's number of cached
-tokens. The whole generation loop is one jitted function, compiled once per (batch, prompt length,
-new tokens, cache length, sampling settings).
+with sharing factor s allocates 1/s of the memory (a sliding-window layer holds a ring buffer of
+about its window instead of S_max); `lengths` (B,) is each row's number of cached tokens. The
+whole generation loop is one jitted function, compiled once per (batch, prompt length, new
+tokens, cache length, sampling settings).
 """
 
 from __future__ import annotations
@@ -34,9 +35,22 @@ def init_cache(config, batch: int, max_len: int, mtp_heads: int = 1) -> dict:
   return cache
 
 
+def prefill_limits(cache: dict, lengths_B: jnp.ndarray) -> dict:
+  """The cache for prefilling right-padded prompts of lengths_B: sliding-window layers' ring
+  buffers then skip the padding, which would overwrite positions still in the window."""
+  return {**cache, "limits": lengths_B}
+
+
+def end_prefill(cache: dict, lengths_B: jnp.ndarray) -> dict:
+  """The cache after a padded prefill: each row's length is its prompt's."""
+  cache = {name: entry for name, entry in cache.items() if name != "limits"}
+  cache["lengths"] = lengths_B
+  return cache
+
+
 def cache_bytes(cache: dict) -> int:
-  """Bytes of the K/V arrays actually allocated (lengths excluded)."""
-  return int(sum(x.nbytes for name, layer in cache.items() if name != "lengths"
+  """Bytes of the cache arrays actually allocated (K/V and ring positions; lengths excluded)."""
+  return int(sum(x.nbytes for name, layer in cache.items() if name not in ("lengths", "limits")
                  for x in jax.tree.leaves(layer)))
 
 
@@ -100,9 +114,9 @@ class Generation:
 def _generate(params, tokens_BxP, lengths_B, rng, *, model, max_new_tokens, max_len,
               temperature, top_k, top_p, stop_tokens):
   b = tokens_BxP.shape[0]
-  cache = init_cache(model.config, b, max_len)
+  cache = prefill_limits(init_cache(model.config, b, max_len), lengths_B)
   logits_BxPxV, cache = model.apply({"params": params}, tokens_BxP, cache, method="decode")
-  cache["lengths"] = lengths_B
+  cache = end_prefill(cache, lengths_B)
   last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
 
@@ -206,8 +220,9 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   project = lambda h: model.apply(variables, h, method="project")
   heads = lambda toks, cache: model.apply(variables, toks, cache, k,
                                           method="decode_heads_hidden")
-  h_KxBxPxD, cache = heads(tokens_BxP, init_cache(model.config, b, max_len, mtp_heads=k))
-  cache["lengths"] = lengths_B
+  h_KxBxPxD, cache = heads(tokens_BxP, prefill_limits(init_cache(model.config, b, max_len,
+                                                                  mtp_heads=k), lengths_B))
+  cache = end_prefill(cache, lengths_B)
   h_KxBxD = jnp.take_along_axis(h_KxBxPxD, (lengths_B - 1)[None, :, None, None], axis=2)[:, :, 0]
   rng, k_first, key = jax.random.split(rng, 3)
   logits_KxBxV = project(h_KxBxD)

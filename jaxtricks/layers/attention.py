@@ -1,9 +1,12 @@
-"""Self-attention with RoPE, grouped K/V heads, cross-layer K/V sharing and a KV cache
-(arXiv 1706.03762, 2104.09864, 2305.13245, 1911.02150, 2405.12981).
+"""Self-attention with RoPE, grouped K/V heads, cross-layer K/V sharing, sliding windows and a
+KV cache (arXiv 1706.03762, 2104.09864, 2305.13245, 1911.02150, 2405.12981, 2004.05150).
 
-A layer either produces K/V (it has K/V projections) or reuses the K/V of an earlier layer passed
-in as `shared_kv` (Cross-Layer Attention: no K/V projections at all). With a cache, new keys
-(after RoPE) and values are written at each row's current length and attention reads the cache.
+A layer either produces K/V (it has K/V projections) or reuses the K/V of another layer passed
+in as `shared_kv` (Cross-Layer Attention: no K/V projections at all); the model's K/V layout
+(jaxtricks.ops.kv_layout) says which, per layer. With a cache, new keys (after RoPE) and values
+are written at each row's current length and attention reads the cache. A producer with a
+sliding window W keeps a ring buffer of R >= W slots instead: token p goes to slot p mod R and
+the slot remembers p, so attention masks by the stored positions.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from flax import struct
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.dtypes import resolve_dtype
 from jaxtricks.layers.linear import Linear
+from jaxtricks.models.trunk import run_sequential
 from jaxtricks.ops.attention import (
   attention,
   cached_attention,
   causal_mask,
   check_implementation,
-  kv_sources,
 )
+from jaxtricks.ops.kv_layout import LayerKV, cycle, kv_plan, kv_sources, ring_size
 from jaxtricks.ops.rope import apply_rope
 from jaxtricks.registry import Component, register
 
@@ -47,11 +51,40 @@ def write_cache(cache_BxKxSxH: jnp.ndarray, new_BxTxKxH: jnp.ndarray,
   return jax.vmap(update)(cache_BxKxSxH, jnp.swapaxes(new_BxTxKxH, 1, 2), lengths_B)
 
 
+EMPTY_SLOT = -(2 ** 30)  # the stored position of a ring slot never written: outside every window
+
+
+def ring_update(cache: dict, k_BxTxKxH: jnp.ndarray, v_BxTxKxH: jnp.ndarray,
+                positions_BxT: jnp.ndarray) -> tuple[KV, dict]:
+  """(K/V to attend to, updated ring cache) for T new tokens at positions_BxT of a sliding-window
+  layer: the cached slots (those at positions before the row's length; later ones are rolled-back
+  tokens) followed by the new tokens, then the last R new tokens written at slot p mod R. Tokens
+  at positions >= cache['limits'] (right padding of a prefill) are attended to but not written."""
+  lengths_B = positions_BxT[:, 0]
+  r, t = cache["pos"].shape[1], positions_BxT.shape[1]
+  old_pos_BxR = jnp.where(cache["pos"] < lengths_B[:, None], cache["pos"], EMPTY_SLOT)
+  new_k = jnp.swapaxes(k_BxTxKxH, 1, 2).astype(cache["k"].dtype)
+  new_v = jnp.swapaxes(v_BxTxKxH, 1, 2).astype(cache["v"].dtype)
+  kv = KV(jnp.concatenate([cache["k"], new_k], axis=2), jnp.concatenate([cache["v"], new_v], 2),
+          jnp.concatenate([old_pos_BxR, positions_BxT], axis=1), head_major=True)
+  limits_B = cache.get("limits", lengths_B + t)
+  n_B = jnp.clip(limits_B - lengths_B, 0, t)[:, None]
+  j_T = jnp.arange(t)
+  slots_BxT = jnp.where((j_T < n_B) & (j_T >= n_B - r), positions_BxT % r, r)  # r: dropped
+  put = jax.vmap(lambda c, x, i: c.at[..., i, :].set(x, mode="drop"))
+  new = {"k": put(cache["k"], new_k, slots_BxT), "v": put(cache["v"], new_v, slots_BxT),
+         "pos": jax.vmap(lambda c, x, i: c.at[i].set(x, mode="drop"))(cache["pos"],
+                                                                      positions_BxT, slots_BxT)}
+  return kv, new
+
+
 class SelfAttention(nn.Module):
   n_heads: int
   n_kv_heads: int
   head_dim: int
   produces_kv: bool = True
+  window: int = 0                # sliding window (0: every earlier position)
+  masks_diagonal: bool = False   # reads a later layer's K/V (LCKV): its own token is not visible
   n_layers: int = 1
   rope_base: float = 10_000.0
   implementation: str = "naive"
@@ -86,6 +119,8 @@ class SelfAttention(nn.Module):
       k_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, self.rope_base)
       if cache is None:
         kv = KV(k_BxTxKxH, v_BxTxKxH, positions_BxT)
+      elif "pos" in cache:
+        kv, cache = ring_update(cache, k_BxTxKxH, v_BxTxKxH, positions_BxT)
       else:
         lengths_B = positions_BxT[:, 0]
         cache = {"k": write_cache(cache["k"], k_BxTxKxH, lengths_B),
@@ -95,19 +130,25 @@ class SelfAttention(nn.Module):
         kv = KV(cache["k"], cache["v"], slots_BxS, head_major=True)
     else:
       if shared_kv is None:
-        raise ValueError("a layer without K/V projections needs the K/V of an earlier layer")
+        raise ValueError("a layer without K/V projections needs the K/V of its source layer")
       kv = shared_kv
     static = positions_BxT is None and kv.positions is None
     if not static and (positions_BxT is None or kv.positions is None):
       raise ValueError("queries and shared keys must both have positions or both be 0..T-1")
-    mask_BxTxS = None if static else causal_mask(positions_BxT, kv.positions)
+    window, strict = self.window, self.masks_diagonal
+    mask_BxTxS = None if static else causal_mask(positions_BxT, kv.positions, window, strict)
     dtype = q_BxTxNxH.dtype
     if kv.head_major:
       out_BxTxNxH = cached_attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype),
-                                     mask_BxTxS)
+                                     mask_BxTxS, zero_empty=strict)
+    elif static:
+      out_BxTxNxH = attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype), None,
+                              self.implementation, causal=True, window=window, strict=strict)
     else:
       out_BxTxNxH = attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype), mask_BxTxS,
-                              self.implementation, causal=static)
+                              self.implementation)
+      if strict:  # no visible key: zero output
+        out_BxTxNxH = jnp.where(jnp.any(mask_BxTxS, -1)[..., None, None], out_BxTxNxH, 0)
     std = (n * h * 2 * self.n_layers) ** -0.5
     out_BxTxD = Linear((d,), ("heads", "head_dim", "embed"), in_ndim=2, std=std, name="o",
                        **kw)(out_BxTxNxH)
@@ -117,15 +158,19 @@ class SelfAttention(nn.Module):
 @register("attention", "mha")
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig(Component):
-  """RoPE self-attention with n_kv_heads K/V heads (MHA, GQA, MQA) and Cross-Layer Attention:
-  layer i attends with the K/V of layer kv_source[i] (`kv_sharing` or an explicit `kv_layout`)."""
+  """RoPE self-attention with n_kv_heads K/V heads (MHA, GQA, MQA), Cross-Layer Attention (layer
+  i attends with the K/V of layer kv_source[i], from `kv_sharing` or an explicit `kv_layout`)
+  and sliding windows (`window` on `window_layers`, every layer when empty). Layouts where a
+  layer reads a later layer's K/V are the `lckv` kind's (jaxtricks.layers.lckv)."""
   n_heads: int = 4
   n_kv_heads: int = 0            # 0 means n_heads (multi-head attention)
   head_dim: int = 0              # 0 means d_model // n_heads
   rope_base: float = 10_000.0
   kv_sharing: int = 1            # CLA factor: CLA2 = 2 layers share one K/V
   kv_layout: tuple[int, ...] = ()  # explicit kv_source per layer (wins over kv_sharing)
-  impl: str = "naive"            # naive | xla | cudnn (jax.nn.dot_product_attention)
+  window: int = 0                # sliding-window size (0: global attention)
+  window_layers: tuple[int, ...] = ()  # the layers with the window (empty: all, if window > 0)
+  impl: str = "naive"            # naive | xla | cudnn (jax.nn.dot_product_attention) | ring
 
   @property
   def kv_heads(self) -> int:
@@ -137,6 +182,10 @@ class AttentionConfig(Component):
   def kv_source(self, depth: int) -> tuple[int, ...]:
     return kv_sources(depth, self.kv_sharing, self.kv_layout)
 
+  def kv_plan(self, depth: int) -> tuple[LayerKV, ...]:
+    """One LayerKV per trunk block (jaxtricks.ops.kv_layout)."""
+    return kv_plan(self.kv_source(depth), self.window, self.window_layers)
+
   def validate(self, model: Any) -> None:
     if self.n_heads < 1:
       raise ConfigError(f"model.attention.n_heads must be >= 1, got {self.n_heads}")
@@ -147,24 +196,47 @@ class AttentionConfig(Component):
       raise ConfigError(f"model.attention.n_kv_heads={self.kv_heads} does not divide "
                         f"model.attention.n_heads={self.n_heads}")
     try:
-      self.kv_source(model.depth)
+      plan = self.kv_plan(model.depth)
       check_implementation(self.impl)
     except ValueError as e:
       raise ConfigError(f"model.attention: {e}") from None
     if self.head_size(model.d_model) % 2:
       raise ConfigError(f"RoPE needs an even head dimension, got {self.head_size(model.d_model)}")
+    self.check_order(plan)
 
-  def build(self, model: Any, produces_kv: bool, projection: Callable) -> nn.Module:
+  def check_order(self, plan: tuple[LayerKV, ...]) -> None:
+    """Blocks run bottom to top here, so no layer may read a later layer's K/V."""
+    if cycle(plan):
+      spec = next(s for s in plan if s.masks_diagonal)
+      raise ConfigError(f"model.attention.kv_layout: layer {spec.layer} reads the later layer "
+                        f"{spec.source}; such layouts train iteratively: use "
+                        f"--model.attention=lckv")
+
+  def build(self, model: Any, spec: LayerKV, projection: Callable) -> nn.Module:
     return SelfAttention(self.n_heads, self.kv_heads, self.head_size(model.d_model),
-                         produces_kv=produces_kv, n_layers=model.n_layers,
+                         produces_kv=spec.produces, window=spec.window,
+                         masks_diagonal=spec.masks_diagonal, n_layers=model.n_layers,
                          rope_base=self.rope_base, implementation=self.impl, dtype=model.dtype,
                          param_dtype=model.param_dtype, projection=projection, name="attn")
 
-  def kv_cache(self, model: Any, batch: int, max_len: int) -> dict:
-    """One layer's zeroed K/V cache, head-major (B, K, S, H): see ops.attention."""
-    shape = (batch, self.kv_heads, max_len, self.head_size(model.d_model))
+  def run_blocks(self, model: Any, blocks: list, x_BxTxD: jnp.ndarray,
+                 positions_BxT: jnp.ndarray | None, cache: dict | None, train: bool
+                 ) -> tuple[jnp.ndarray, jnp.ndarray, dict | None]:
+    """Runs the trunk's blocks: (output, the last block's input, updated cache or None)."""
+    return run_sequential(model.kv_plan, blocks, x_BxTxD, positions_BxT, cache, train)
+
+  def kv_cache(self, model: Any, batch: int, max_len: int, window: int = 0,
+               chunk: int = 1) -> dict:
+    """One layer's zeroed K/V cache, head-major (B, K, S, H): see ops.attention. With a sliding
+    window, a ring buffer of `ring_size` slots and the position each slot holds."""
+    slots = ring_size(window, max_len, chunk) if window else max_len
+    shape = (batch, self.kv_heads, slots, self.head_size(model.d_model))
     dtype = resolve_dtype(model.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if window:
+      cache["pos"] = jnp.full((batch, slots), EMPTY_SLOT, jnp.int32)
+    return cache
 
   def cache_entries(self, model: Any, batch: int, max_len: int, mtp_heads: int) -> dict:
-    return {f"layer_{i}": self.kv_cache(model, batch, max_len) for i in model.kv_producers}
+    return {f"layer_{s.layer}": self.kv_cache(model, batch, max_len, s.window, mtp_heads)
+            for s in model.kv_plan if s.produces}

@@ -58,6 +58,11 @@ class ModelConfig:
     return self.attention.kv_source(self.depth)
 
   @property
+  def kv_plan(self) -> tuple:
+    """One jaxtricks.ops.kv_layout.LayerKV per trunk block: source layer and window."""
+    return self.attention.kv_plan(self.depth)
+
+  @property
   def kv_producers(self) -> tuple[int, ...]:
     return tuple(sorted(set(self.kv_source)))
 

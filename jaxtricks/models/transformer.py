@@ -3,10 +3,11 @@ RMSNorm and an untied unembedding (Vaswani et al. 2017, arXiv 1706.03762; LLaMA-
 Touvron et al. 2023, arXiv 2302.13971).
 
 Every part is the component of its slot in `ModelConfig` (jaxtricks.models.config): the
-embedding, the attention (which also gives the K/V layout: layer i attends with the K/V of layer
-`kv_source[i]`, and only producing layers have K/V projections and a KV cache), the MLP, the
-output head, the multi-token heads and the kind of every linear projection. This file builds
-them through their configs and never names a kind.
+embedding, the attention (which also gives the K/V layout, `kv_plan`: layer i attends with the
+K/V of layer `kv_source[i]`, only producing layers have K/V projections and a KV cache, and the
+attention component runs the blocks in the order its layout needs), the MLP, the output head,
+the multi-token heads and the kind of every linear projection. This file builds them through
+their configs and never names a kind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from jaxtricks.layers.mtp import Trunk
 from jaxtricks.layers.norm import RMSNorm
 from jaxtricks.models.config import ModelConfig
+from jaxtricks.ops.kv_layout import LayerKV
 
 __all__ = ["Block", "ModelConfig", "Transformer"]
 
@@ -34,10 +36,10 @@ class Block(nn.Module):
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     hq = RMSNorm(name="attn_norm", **norm)(x_BxTxD)
-    produces = self.own_kv or cfg.kv_source[self.layer] == self.layer
+    spec = LayerKV(self.layer, self.layer) if self.own_kv else cfg.kv_plan[self.layer]
     cla = cfg.cross_layer and not self.own_kv
-    hkv = RMSNorm(name="kv_norm", **norm)(x_BxTxD) if produces and cla else hq
-    attn = cfg.attention.build(cfg, produces, cfg.projection.factory(cfg, self.layer, "attn"))
+    hkv = RMSNorm(name="kv_norm", **norm)(x_BxTxD) if spec.produces and cla else hq
+    attn = cfg.attention.build(cfg, spec, cfg.projection.factory(cfg, self.layer, "attn"))
     out_BxTxD, kv, cache = attn(hq, hkv, positions_BxT, shared_kv, cache, train=train)
     x_BxTxD = x_BxTxD + out_BxTxD
     h = RMSNorm(name="mlp_norm", **norm)(x_BxTxD)
@@ -72,19 +74,8 @@ class Transformer(nn.Module):
       positions_BxT = cache["lengths"][:, None] + jnp.arange(tokens_BxT.shape[1])
     # Without a cache and positions, every row is at 0..T-1 (static RoPE tables and mask).
     x_BxTxD = self.embed(tokens_BxT, train=train)
-    kv_of_layer = {}
-    new_cache = None if cache is None else dict(cache)
-    z_BxTxD = x_BxTxD
-    for i, block in enumerate(self.blocks):
-      src = self.config.kv_source[i]
-      layer_cache = cache[f"layer_{i}"] if cache is not None and src == i else None
-      z_BxTxD = x_BxTxD
-      x_BxTxD, kv, layer_cache = block(x_BxTxD, positions_BxT, kv_of_layer.get(src), layer_cache,
-                                       train)
-      if src == i:
-        kv_of_layer[i] = kv
-        if cache is not None:
-          new_cache[f"layer_{i}"] = layer_cache
+    x_BxTxD, z_BxTxD, new_cache = self.config.attention.run_blocks(
+        self.config, self.blocks, x_BxTxD, positions_BxT, cache, train)
     if cache is not None:
       new_cache["lengths"] = cache["lengths"] + tokens_BxT.shape[1]
     return Trunk(x_BxTxD, z_BxTxD, positions_BxT), new_cache

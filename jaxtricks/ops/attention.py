@@ -15,7 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtricks.ops.kv_layout import kv_sources
 from jaxtricks.ops.ring_attention import context_parallel_size, ring_attention
+
+__all__ = ["attention", "cached_attention", "causal_mask", "check_implementation",
+           "kv_bytes_per_token", "kv_sources"]
 
 _NEG_INF = -1e30
 IMPLEMENTATIONS = ("naive", "xla", "cudnn", "ring")
@@ -28,16 +32,27 @@ def check_implementation(implementation: str) -> None:
                      f"{', '.join(IMPLEMENTATIONS)}")
 
 
-def causal_mask(q_pos_BxT: jnp.ndarray, k_pos_BxS: jnp.ndarray) -> jnp.ndarray:
-  """(B, T, S) boolean: query at position p may attend keys at positions <= p."""
+def causal_mask(q_pos_BxT: jnp.ndarray, k_pos_BxS: jnp.ndarray, window: int = 0,
+                strict: bool = False) -> jnp.ndarray:
+  """(B, T, S) boolean: query at position p may attend keys at positions <= p (< p when
+  strict), and > p - window when window > 0."""
   chex.assert_rank([q_pos_BxT, k_pos_BxS], 2, custom_message="causal_mask: positions")
   chex.assert_equal_shape([q_pos_BxT, k_pos_BxS], dims=0, custom_message="causal_mask: batch")
-  return q_pos_BxT[:, :, None] >= k_pos_BxS[:, None, :]
+  diff_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+  mask_BxTxS = diff_BxTxS > 0 if strict else diff_BxTxS >= 0
+  return mask_BxTxS & (diff_BxTxS < window) if window else mask_BxTxS
+
+
+def static_mask(t: int, window: int = 0, strict: bool = False) -> np.ndarray:
+  """(1, T, T) `causal_mask` of positions 0..T-1, a numpy constant."""
+  diff_TxT = np.arange(t)[:, None] - np.arange(t)[None, :]
+  mask_TxT = diff_TxT > 0 if strict else diff_TxT >= 0
+  return (mask_TxT & (diff_TxT < window) if window else mask_TxT)[None]
 
 
 def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.ndarray,
               mask_BxTxS: jnp.ndarray | None = None, implementation: str = "naive",
-              causal: bool = False) -> jnp.ndarray:
+              causal: bool = False, window: int = 0, strict: bool = False) -> jnp.ndarray:
   """Attention output (B, T, N, H); logits and softmax in float32.
 
   implementation: 'naive' (two einsums, any backend), or 'xla' / 'cudnn', which call
@@ -45,37 +60,43 @@ def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.nda
   'ring': causal attention with the sequence split over the current mesh's 'context' axis
   (ops.ring_attention); 'naive' where there is no such axis or a mask is given.
   causal: queries and keys are both at positions 0..T-1 (a static mask, or the backend's causal
-  kernel); combined with `mask_BxTxS` when both are given.
+  kernel); combined with `mask_BxTxS` when both are given. window, strict: `causal_mask`'s, for
+  causal attention.
   """
   _check_qkv("attention", q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, "BSKH")
   b, t, n, h = q_BxTxNxH.shape
   s = k_BxSxKxH.shape[1]
   if causal and s != t:
     raise ValueError(f"causal attention needs as many keys as queries, got {s} and {t}")
+  if (window or strict) and not causal:
+    raise ValueError("a sliding window or a masked diagonal needs causal attention")
   check_implementation(implementation)
+  plain = mask_BxTxS is None and not strict
   if implementation == "ring":
-    if causal and mask_BxTxS is None and context_parallel_size() > 1:
+    if causal and plain and not window and context_parallel_size() > 1:
       return ring_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
     implementation = "naive"
-  if implementation in ("xla", "cudnn"):
+  if implementation in ("xla", "cudnn") and not strict:
     mask = None if mask_BxTxS is None else mask_BxTxS[:, None]
+    local = (window - 1, 0) if window else None
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask,
-                                        is_causal=causal, implementation=implementation)
+                                        is_causal=causal, local_window_size=local,
+                                        implementation=implementation)
   if causal:
-    tril_1xTxS = np.tril(np.ones((1, t, s), bool))
-    mask_BxTxS = tril_1xTxS if mask_BxTxS is None else mask_BxTxS & tril_1xTxS
-  return _grouped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, "BSKH")
+    static_1xTxS = static_mask(t, window, strict)
+    mask_BxTxS = static_1xTxS if mask_BxTxS is None else mask_BxTxS & static_1xTxS
+  return _grouped(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, "BSKH", zero_empty=strict)
 
 
 def cached_attention(q_BxTxNxH: jnp.ndarray, k_BxKxSxH: jnp.ndarray, v_BxKxSxH: jnp.ndarray,
-                     mask_BxTxS: jnp.ndarray | None) -> jnp.ndarray:
+                     mask_BxTxS: jnp.ndarray | None, zero_empty: bool = False) -> jnp.ndarray:
   """`attention` against a head-major KV cache (B, K, S, H), the decoding layout.
 
   With (B, K) leading, both products are plain batched matmuls over the cache as it lies; a
   (B, S, K, H) cache would be transposed whole at every decoding step.
   """
   _check_qkv("cached_attention", q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH")
-  return _grouped(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH")
+  return _grouped(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, "BKSH", zero_empty)
 
 
 def _check_qkv(name: str, q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> None:
@@ -92,10 +113,11 @@ def _check_qkv(name: str, q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> None:
     chex.assert_shape(mask_BxTxS, ({1, b}, t, s), custom_message=f"{name}: mask_BxTxS")
 
 
-def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> jnp.ndarray:
+def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str, zero_empty: bool = False) -> jnp.ndarray:
   """Queries grouped as (B, T, K, G, H) against K/V in layout `kv` (BSKH or BKSH). For the
   head-major cache the queries are put head-major too: XLA then runs both products without
-  relayouts (faster per decoding step on CPU than letting it choose; benchmarks.attention)."""
+  relayouts (faster per decoding step on CPU than letting it choose; benchmarks.attention).
+  zero_empty: queries whose mask row is all False output zeros (else the mean of v)."""
   b, t, n, h = q_BxTxNxH.shape
   n_kv = k.shape[kv.index("K")]
   q = q_BxTxNxH.reshape(b, t, n_kv, n // n_kv, h)
@@ -110,37 +132,21 @@ def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str) -> jnp.ndarray:
   out = jnp.einsum(f"BKGTS,{kv}->{qs}", probs, v)
   if qs == "BKGTH":
     out = out.transpose(0, 3, 1, 2, 4)
-  return out.reshape(b, t, n, h)
-
-
-def kv_sources(n_layers: int, sharing: int = 1, layout: tuple[int, ...] = ()) -> tuple[int, ...]:
-  """Layer i reads the K/V produced by layer kv_sources[i] (a producer has kv_sources[i] == i).
-
-  An explicit `layout` wins (KeepEnds, DenseFront, DenseBack, ...). Otherwise sharing factor s
-  (CLA-s): groups of s consecutive layers share the first one's K/V; when s does not divide the
-  depth, the first group is the short one (20 layers, CLA3: 7 producers, as in the CLA paper).
-  """
-  if layout:
-    if len(layout) != n_layers:
-      raise ValueError(f"kv layout has {len(layout)} entries for {n_layers} layers")
-    for i, src in enumerate(layout):
-      if not 0 <= src <= i or layout[src] != src:
-        raise ValueError(f"kv layout {layout}: layer {i} must read a producing layer at or "
-                         f"before it (got {src})")
-    return tuple(layout)
-  if not 1 <= sharing <= n_layers:
-    raise ValueError(f"CLA sharing factor {sharing} must be between 1 and the depth {n_layers}")
-  first = n_layers % sharing or sharing
-  return tuple(0 if i < first else first + (i - first) // sharing * sharing
-               for i in range(n_layers))
+  out = out.reshape(b, t, n, h)
+  if zero_empty and mask_BxTxS is not None:
+    out = jnp.where(jnp.any(mask_BxTxS, axis=-1)[..., None, None], out, 0).astype(out.dtype)
+  return out
 
 
 def kv_bytes_per_token(config, bytes_per_element: int | None = None) -> int:
   """KV-cache bytes per token: 2 (K and V) * kv heads * head dim * producing layers * bytes.
 
-  `config` is a ModelConfig (duck-typed: attention.kv_heads, dim_per_head, kv_producers, dtype).
+  Producers with a sliding window are not counted: their cache is a fixed-size ring buffer, the
+  same for every context length. `config` is a ModelConfig (duck-typed: attention.kv_heads,
+  dim_per_head, kv_plan, dtype).
   """
   if bytes_per_element is None:
     bytes_per_element = jnp.dtype(config.dtype).itemsize
   heads = config.attention.kv_heads
-  return 2 * heads * config.dim_per_head * len(config.kv_producers) * bytes_per_element
+  global_producers = [s for s in config.kv_plan if s.produces and not s.window]
+  return 2 * heads * config.dim_per_head * len(global_producers) * bytes_per_element

@@ -21,9 +21,10 @@ def test_kv_sources_cross_layer_sharing():
   assert len(set(cla3)) == 7  # CLA3 on 20 layers: 7 producers, as in the paper
   assert all(cla3[src] == src and src <= i for i, src in enumerate(cla3))
   assert kv_sources(4, layout=(0, 0, 0, 3)) == (0, 0, 0, 3)
-  with pytest.raises(ValueError):
-    kv_sources(3, layout=(0, 2, 2))  # layer 1 cannot read a later layer
-  with pytest.raises(ValueError):
+  assert kv_sources(3, layout=(0, 2, 2)) == (0, 2, 2)  # a later layer (LCKV)
+  with pytest.raises(ValueError, match="outside the model"):
+    kv_sources(3, layout=(0, 3, 3))
+  with pytest.raises(ValueError, match="does not produce"):
     kv_sources(3, layout=(0, 0, 1))  # layer 1 does not produce K/V
   with pytest.raises(ValueError):
     kv_sources(3, sharing=4)
@@ -112,10 +113,9 @@ def test_explicit_layouts_are_kept_and_counted(name):
 BAD_LAYOUTS = {
     "too_short": (0, 0, 2, 2, 4),
     "too_long": (0, 0, 2, 2, 4, 4, 6),
-    "reads_a_later_layer": (0, 2, 2, 3, 4, 5),
     "reads_a_non_producer": (0, 0, 1, 3, 4, 5),  # layer 1 reads layer 0, so it produces nothing
     "negative": (0, -1, 2, 3, 4, 5),
-    "first_layer_cannot_share": (1, 1, 2, 3, 4, 5),
+    "outside_the_model": (0, 6, 2, 3, 4, 5),
 }
 
 
@@ -127,6 +127,14 @@ def test_bad_layouts_are_refused(name):
   cfg = ModelConfig(d_model=32, n_layers=6, attention=AttentionConfig(n_heads=4, kv_layout=layout))
   with pytest.raises(ConfigError, match="model.attention: kv layout"):
     cfg.validate()
+
+
+@pytest.mark.parametrize("layout", [(0, 2, 2, 3, 4, 5), (1, 1, 2, 3, 4, 5)])
+def test_layouts_reading_later_layers_need_the_iterative_kind(layout):
+  assert kv_sources(6, 1, layout) == layout  # valid layouts (LCKV) ...
+  cfg = ModelConfig(d_model=32, n_layers=6, attention=AttentionConfig(n_heads=4, kv_layout=layout))
+  with pytest.raises(ConfigError, match="reads the later layer .*--model.attention=lckv"):
+    cfg.validate()  # ... which the bottom-to-top `mha` kind cannot run
 
 
 @pytest.mark.parametrize("sharing", [0, -1, 7])
