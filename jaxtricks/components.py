@@ -6,6 +6,7 @@ else names a kind.
 import jaxtricks.layers.attention  # noqa: F401  attention: mha (MHA/GQA/MQA, CLA)
 import jaxtricks.layers.embed  # noqa: F401  embed: token; head: linear
 import jaxtricks.layers.kan  # noqa: F401  mlp: kan
+import jaxtricks.layers.lckv  # noqa: F401  attention: lckv (Layer-Condensed KV)
 import jaxtricks.layers.linear  # noqa: F401  projection: dense
 import jaxtricks.layers.lora  # noqa: F401  projection: lora
 import jaxtricks.layers.mlp  # noqa: F401  mlp: swiglu

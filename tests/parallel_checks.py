@@ -5,9 +5,10 @@ unsharded reference, computed in this process, printed as one JSON line of large
   tensor = 2, 4 (with data, fsdp and context axes beside it);
 - ring attention (output and gradients of q, k, v) for context = 2, 4, 8, with GQA heads and with
   the heads split over tensor;
-- one train step of the smoke LM (loss `lm`, tensor = 4) and of the multi-token model (loss
-  `mtp`, ring attention, context = 2 and tensor = 2): metrics and new parameters against one
-  device.
+- one train step of the smoke LM (loss `lm`, tensor = 4), of the multi-token model (loss
+  `mtp`, ring attention, context = 2 and tensor = 2) and of two K/V layouts (LCKV trained
+  iteratively, a YOCO-like layout with sliding windows; data, fsdp and tensor = 2): metrics and new
+  parameters against one device.
 
     python tests/parallel_checks.py
 """
@@ -33,6 +34,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Small token chunks, so these tiny batches go through the loss's chunked forward and backward.
 vocab_parallel.ROW_CHUNK = 8
 AXES = sharding.MESH_AXES  # data, fsdp, context, tensor
+FOUR_LAYERS = {"model.n_layers": 4}
 
 
 def mesh_of(shape):
@@ -132,6 +134,14 @@ def main() -> None:
       "mtp_ring_context2_tensor2": step_case("mtp", {"model.attention.impl": "ring"},
                                              {"mesh.fsdp": 2, "mesh.context": 2,
                                               "mesh.tensor": 2}),
+      "lckv_data2_fsdp2_tensor2": step_case("lm", {**FOUR_LAYERS, "model.attention": "lckv",
+                                             "model.attention.iterations": 3},
+                                      {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+      "yoco_like_data2_fsdp2_tensor2": step_case("lm", {**FOUR_LAYERS,
+                                                  "model.attention.kv_layout": (0, 1, 2, 2),
+                                                  "model.attention.window": 8,
+                                                  "model.attention.window_layers": (0, 1)},
+                                           {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
   }
   print(json.dumps(report))
 

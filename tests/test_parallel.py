@@ -49,6 +49,8 @@ def test_ring_attention_equals_unsharded_attention(report):
 @pytest.mark.parametrize("name,mesh", [
     ("lm_tensor4", {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}),
     ("mtp_ring_context2_tensor2", {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}),
+    ("lckv_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
+    ("yoco_like_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
 ])
 def test_train_step_on_a_split_mesh_equals_one_device(report, name, mesh):
   case = report[name]
