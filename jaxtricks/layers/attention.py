@@ -51,6 +51,9 @@ def write_cache(cache_BxKxSxH: jnp.ndarray, new_BxTxKxH: jnp.ndarray,
   return jax.vmap(update)(cache_BxKxSxH, jnp.swapaxes(new_BxTxKxH, 1, 2), lengths_B)
 
 
+# The config field behind each implementation option (AttentionConfig.options).
+OPTION_FIELDS = {"block_q": "block_size", "block_k": "block_size", "block_size": "hyper_block",
+                 "samples": "hyper_samples", "min_seq_len": "hyper_min_len"}
 EMPTY_SLOT = -(2 ** 30)  # the stored position of a ring slot never written: outside every window
 
 
@@ -88,6 +91,7 @@ class SelfAttention(nn.Module):
   n_layers: int = 1
   rope_base: float = 10_000.0
   implementation: str = "naive"
+  options: tuple[tuple[str, Any], ...] = ()  # the implementation's settings (ops.attention)
   dtype: str = "float32"
   param_dtype: str = "float32"
   projection: Callable[..., nn.Module] = Linear  # the model's projection kind (dense, N:M, ...)
@@ -142,8 +146,14 @@ class SelfAttention(nn.Module):
       out_BxTxNxH = cached_attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype),
                                      mask_BxTxS, zero_empty=strict)
     elif static:
-      out_BxTxNxH = attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype), None,
-                              self.implementation, causal=True, window=window, strict=strict)
+      try:
+        out_BxTxNxH = attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype), None,
+                                self.implementation, causal=True, window=window, strict=strict,
+                                options=dict(self.options))
+      except ConfigError as e:  # the op names its arguments; say the config's fields too
+        fields = ", ".join(dict.fromkeys(f"model.attention.{OPTION_FIELDS[k]}={v}"
+                                         for k, v in self.options if k in OPTION_FIELDS))
+        raise ConfigError(f"{fields}: {e}") from None
     else:
       out_BxTxNxH = attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype), mask_BxTxS,
                               self.implementation)
@@ -170,7 +180,14 @@ class AttentionConfig(Component):
   kv_layout: tuple[int, ...] = ()  # explicit kv_source per layer (wins over kv_sharing)
   window: int = 0                # sliding-window size (0: global attention)
   window_layers: tuple[int, ...] = ()  # the layers with the window (empty: all, if window > 0)
-  impl: str = "naive"            # naive | xla | cudnn (jax.nn.dot_product_attention) | ring
+  impl: str = "naive"            # naive | xla | cudnn (jax.nn.dot_product_attention) | ring |
+                                 # blockwise (exact, O(T) memory) | hyper (HyperAttention)
+  block_size: int = 512          # blockwise: query and key block
+  hyper_layers: tuple[int, ...] = ()  # layers running HyperAttention whatever `impl` (patching)
+  hyper_block: int = 256         # HyperAttention: sorted block size b
+  hyper_samples: int = 256       # HyperAttention: sampled key columns m (0: none)
+  hyper_min_len: int = 4096      # HyperAttention: exact causal attention at or below this length
+  hyper_seed: int = 0            # HyperAttention: LSH directions and samples (plus the layer)
 
   @property
   def kv_heads(self) -> int:
@@ -203,6 +220,32 @@ class AttentionConfig(Component):
     if self.head_size(model.d_model) % 2:
       raise ConfigError(f"RoPE needs an even head dimension, got {self.head_size(model.d_model)}")
     self.check_order(plan)
+    for name in ("block_size", "hyper_block", "hyper_min_len"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.attention.{name} must be >= 1, got {getattr(self, name)}")
+    if self.hyper_samples < 0:
+      raise ConfigError(f"model.attention.hyper_samples must be >= 0, got {self.hyper_samples}")
+    for i in self.hyper_layers:
+      if not 0 <= i < model.depth:
+        raise ConfigError(f"model.attention.hyper_layers names layer {i}, outside the model's "
+                          f"{model.depth} layers")
+    for spec in plan:
+      if self.implementation(spec) == "hyper" and (spec.window or spec.masks_diagonal):
+        raise ConfigError(f"model.attention: HyperAttention in layer {spec.layer} approximates "
+                          f"plain causal attention; that layer has a sliding window or reads a "
+                          f"later layer")
+
+  def implementation(self, spec: LayerKV) -> str:
+    return "hyper" if spec.layer in self.hyper_layers else self.impl
+
+  def options(self, spec: LayerKV) -> tuple[tuple[str, Any], ...]:
+    impl = self.implementation(spec)
+    if impl == "blockwise":
+      return (("block_q", self.block_size), ("block_k", self.block_size))
+    if impl == "hyper":
+      return (("block_size", self.hyper_block), ("samples", self.hyper_samples),
+              ("min_seq_len", self.hyper_min_len), ("seed", self.hyper_seed + spec.layer))
+    return ()
 
   def check_order(self, plan: tuple[LayerKV, ...]) -> None:
     """Blocks run bottom to top here, so no layer may read a later layer's K/V."""
@@ -216,7 +259,8 @@ class AttentionConfig(Component):
     return SelfAttention(self.n_heads, self.kv_heads, self.head_size(model.d_model),
                          produces_kv=spec.produces, window=spec.window,
                          masks_diagonal=spec.masks_diagonal, n_layers=model.n_layers,
-                         rope_base=self.rope_base, implementation=self.impl, dtype=model.dtype,
+                         rope_base=self.rope_base, implementation=self.implementation(spec),
+                         options=self.options(spec), dtype=model.dtype,
                          param_dtype=model.param_dtype, projection=projection, name="attn")
 
   def run_blocks(self, model: Any, blocks: list, x_BxTxD: jnp.ndarray,

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtricks.ops.blockwise_attention import blockwise_attention
+from jaxtricks.ops.hyper_attention import hyper_attention
 from jaxtricks.ops.kv_layout import kv_sources
 from jaxtricks.ops.ring_attention import context_parallel_size, ring_attention
 
@@ -22,7 +24,7 @@ __all__ = ["attention", "cached_attention", "causal_mask", "check_implementation
            "kv_bytes_per_token", "kv_sources"]
 
 _NEG_INF = -1e30
-IMPLEMENTATIONS = ("naive", "xla", "cudnn", "ring")
+IMPLEMENTATIONS = ("naive", "xla", "cudnn", "ring", "blockwise", "hyper")
 
 
 def check_implementation(implementation: str) -> None:
@@ -52,13 +54,18 @@ def static_mask(t: int, window: int = 0, strict: bool = False) -> np.ndarray:
 
 def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.ndarray,
               mask_BxTxS: jnp.ndarray | None = None, implementation: str = "naive",
-              causal: bool = False, window: int = 0, strict: bool = False) -> jnp.ndarray:
+              causal: bool = False, window: int = 0, strict: bool = False,
+              options: dict | None = None) -> jnp.ndarray:
   """Attention output (B, T, N, H); logits and softmax in float32.
 
   implementation: 'naive' (two einsums, any backend), or 'xla' / 'cudnn', which call
   jax.nn.dot_product_attention ('cudnn' needs an NVIDIA GPU and float16/bfloat16 inputs), or
   'ring': causal attention with the sequence split over the current mesh's 'context' axis
-  (ops.ring_attention); 'naive' where there is no such axis or a mask is given.
+  (ops.ring_attention); 'naive' where there is no such axis or a mask is given. 'blockwise':
+  exact attention by online softmax over key blocks (ops.blockwise_attention); 'hyper':
+  HyperAttention's approximation of plain causal attention (ops.hyper_attention); both take
+  their settings from `options` (keyword arguments of those functions) and are 'naive' when a
+  mask is given (cached decoding).
   causal: queries and keys are both at positions 0..T-1 (a static mask, or the backend's causal
   kernel); combined with `mask_BxTxS` when both are given. window, strict: `causal_mask`'s, for
   causal attention.
@@ -76,6 +83,15 @@ def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.nda
     if causal and plain and not window and context_parallel_size() > 1:
       return ring_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
     implementation = "naive"
+  options = options or {}
+  if implementation == "blockwise" and mask_BxTxS is None:
+    return blockwise_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, causal=causal, window=window,
+                               strict=strict, **options)
+  if implementation == "hyper" and mask_BxTxS is None:
+    if window or strict or not causal:
+      raise ValueError("HyperAttention here approximates plain causal attention (no sliding "
+                       "window, no masked diagonal)")
+    return hyper_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, **options)
   if implementation in ("xla", "cudnn") and not strict:
     mask = None if mask_BxTxS is None else mask_BxTxS[:, None]
     local = (window - 1, 0) if window else None
