@@ -54,6 +54,21 @@ def cache_bytes(cache: dict) -> int:
                  for x in jax.tree.leaves(layer)))
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def teacher_forced_logits(model, params, tokens_BxT: jnp.ndarray) -> jnp.ndarray:
+  """Logits (B, T, V) of `tokens_BxT` computed one token at a time through the cache: the exact
+  sequential computation (for LCKV, which trains and prefills by iterating; for any other model
+  it equals the forward pass)."""
+  b, t = tokens_BxT.shape
+
+  def step(cache, tok_B):
+    logits_Bx1xV, cache = model.apply({"params": params}, tok_B[:, None], cache, method="decode")
+    return cache, logits_Bx1xV[:, 0]
+
+  _, logits_TxBxV = jax.lax.scan(step, init_cache(model.config, b, t), tokens_BxT.T)
+  return jnp.swapaxes(logits_TxBxV, 0, 1)
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]] | np.ndarray, max_len: int, max_new_tokens: int,
                 vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Right-pads prompts to one length; checks each fits the cache with its new tokens."""
