@@ -21,13 +21,11 @@ import dataclasses
 import os
 import time
 
-import jax
-
+from experiments.measure import decode_speed
 from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config, flatten, to_dict
-from jaxtricks.data.sources import held_out_prompts
-from jaxtricks.decode import cache_bytes, generate, init_cache
+from jaxtricks.decode import cache_bytes, init_cache
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig
@@ -85,17 +83,6 @@ def get_config(preset: str) -> ClaConfig:
                         log_every=100, ckpt_every=2000, eval_batches=32))
 
 
-def _decode_speed(result, config: ClaConfig) -> float:
-  """Greedy tokens/s on held-out prompts, timed after one compiling call."""
-  prompts = held_out_prompts(result.source, config.decode_batch, config.decode_prompt_len)
-  params = jax.device_get(result.state.params)
-  run = lambda: generate(result.model, params, prompts, config.decode_new_tokens)  # noqa: E731
-  run()
-  t0 = time.perf_counter()
-  out = run()
-  return float(out.lengths.sum()) / (time.perf_counter() - t0)
-
-
 def _train_variant(cfg: ClaConfig, name: str, directory: str) -> dict:
   result = train(cfg, directory, exp=f"cla/{name}")
   per_seq = cache_bytes(init_cache(cfg.model, 1, cfg.context_len))
@@ -105,7 +92,8 @@ def _train_variant(cfg: ClaConfig, name: str, directory: str) -> dict:
       "kv_bytes_per_token": kv_bytes_per_token(cfg.model),
       "cache_bytes_per_sequence": per_seq,
       "val_loss": result.summary["val_loss"],
-      "decode_tokens_per_s": _decode_speed(result, cfg),
+      "decode_tokens_per_s": decode_speed(result, cfg.decode_batch, cfg.decode_prompt_len,
+                                          cfg.decode_new_tokens),
       "max_batch_at_context": cfg.budget_bytes // per_seq,
       "kv_source": list(cfg.model.kv_source),
   }

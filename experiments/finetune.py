@@ -42,7 +42,6 @@ hundredths of a nat are noise at this scale.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -51,9 +50,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from experiments.measure import eval_batches, held_out_loss
 from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
-from jaxtricks import sharding
 from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.data.corpus import DataConfig
 from jaxtricks.data.sources import make_source
@@ -188,25 +187,6 @@ def _bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-@functools.lru_cache(maxsize=4)
-def _eval_batches(data: DataConfig, seq_len: int, batch_size: int, n: int) -> list[dict]:
-  return make_source(data, seq_len).eval_batches(seq_len, batch_size, n, jax.process_index(),
-                                                 jax.process_count())
-
-
-def evaluate(config: Config, params, data: DataConfig) -> float:
-  """Held-out next-token loss of `params` under `config`'s model on `data`'s held-out split."""
-  cfg = dataclasses.replace(config, data=data, train=dataclasses.replace(
-      config.train, loss="lm", init_from=""))
-  built = build(cfg)
-  tc = cfg.train
-  shard = sharding.batch_sharding(built.mesh)
-  losses = []
-  for batch in _eval_batches(data, tc.seq_len, tc.batch_size, tc.eval_batches):
-    batch = {k: jax.make_array_from_process_local_data(shard, v, (tc.batch_size, *v.shape[1:]))
-             for k, v in batch.items()}
-    losses.append(float(built.eval_step(params, batch)["loss"]))
-  return float(np.mean(losses))
 
 
 def _logits(model: ModelConfig, params, tokens: np.ndarray
@@ -260,7 +240,7 @@ def _finetune(config: FinetuneConfig, base: ModelConfig, source: str, task: str,
   state = result.state
   frozen = state.frozen if isinstance(state, FrozenBaseState) else {}
   params = state.model_params()
-  batch = _eval_batches(cfg.data, cfg.train.seq_len, cfg.train.batch_size, 1)[0]
+  batch = eval_batches(cfg.data, cfg.train.seq_len, cfg.train.batch_size, 1)[0]
   row = {
       "task": task, "method": method,
       "params": result.summary["params"],
@@ -272,7 +252,7 @@ def _finetune(config: FinetuneConfig, base: ModelConfig, source: str, task: str,
       **merge_check(cfg.model, params, np.asarray(batch["inputs"][:4])),
   }
   if task == "domain":
-    after = evaluate(cfg, params, config.data)
+    after = held_out_loss(cfg, params, config.data)
     row.update(pretrain_val_loss_after=after,
                forgetting=after - pretrained["pretrain_domain_val_loss"])
   else:
@@ -304,7 +284,7 @@ def _pretrain(config: FinetuneConfig, workdir: str) -> tuple[ModelConfig, str, d
     state = built.init_state(loaded=init_from.load(source, built))
     params = state.model_params()
     cfg = built.config
-    pre = evaluate(cfg, params, config.data)
+    pre = held_out_loss(cfg, params, config.data)
   else:
     directory = os.path.join(workdir, "pretrain")
     cfg = Config(model=config.model, train=config.train, data=config.data, mesh=config.mesh)
@@ -312,7 +292,7 @@ def _pretrain(config: FinetuneConfig, workdir: str) -> tuple[ModelConfig, str, d
     base, params, pre = config.model, result.state.model_params(), result.summary["val_loss"]
   losses = {"pretrain_domain_val_loss": pre}
   if "domain" in config.tasks:
-    losses["finetune_domain_val_loss"] = evaluate(cfg, params, task_data(config, "domain"))
+    losses["finetune_domain_val_loss"] = held_out_loss(cfg, params, task_data(config, "domain"))
   return base, directory, losses
 
 

@@ -27,14 +27,12 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
+from experiments.measure import decode_speed, eval_batches, held_out_loss
 from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
-from jaxtricks import sharding
 from jaxtricks.config import Config, flatten, to_dict
-from jaxtricks.data.sources import held_out_prompts, make_source
-from jaxtricks.decode import cache_bytes, generate, init_cache, teacher_forced_logits
+from jaxtricks.decode import cache_bytes, init_cache, teacher_forced_logits
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.layers.lckv import LCKVAttention
@@ -42,7 +40,6 @@ from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops.attention import kv_bytes_per_token
 from jaxtricks.ops.kv_layout import cycle
 from jaxtricks.ops.losses import cross_entropy
-from jaxtricks.train.build import build
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.loop import train
 
@@ -100,47 +97,22 @@ def _model(config: LCKVConfig, name: str) -> ModelConfig:
                                                              config.window))
 
 
-def _eval_batches(config: LCKVConfig, seq_len: int) -> list[dict]:
-  tc = config.train
-  return make_source(config.data, seq_len).eval_batches(seq_len, tc.batch_size, tc.eval_batches,
-                                                        jax.process_index(), jax.process_count())
-
-
 def _val_loss(config: LCKVConfig, model: ModelConfig, params, seq_len: int) -> float:
   """Held-out loss of `params` under `model` (which may differ from the trained one in its
   attention implementation) at `seq_len`."""
-  cfg = dataclasses.replace(config, model=model,
-                            train=dataclasses.replace(config.train, seq_len=seq_len))
-  built = build(cfg)
-  shard = sharding.batch_sharding(built.mesh)
-  rows = config.train.batch_size
-  losses = []
-  for batch in _eval_batches(config, seq_len):
-    batch = {k: jax.make_array_from_process_local_data(shard, v, (rows, *v.shape[1:]))
-             for k, v in batch.items()}
-    losses.append(float(built.eval_step(params, batch)["loss"]))
-  return float(np.mean(losses))
+  return held_out_loss(dataclasses.replace(
+      config, model=model, train=dataclasses.replace(config.train, seq_len=seq_len)), params)
 
 
 def _exact_val_loss(config: LCKVConfig, model: ModelConfig, params) -> float:
   """Held-out loss of the exact sequential computation: one token at a time through the cache."""
   transformer, total, count = Transformer(model), 0.0, 0.0
-  for batch in _eval_batches(config, config.train.seq_len):
+  tc = config.train
+  for batch in eval_batches(config.data, tc.seq_len, tc.batch_size, tc.eval_batches):
     logits = teacher_forced_logits(transformer, params, batch["inputs"])
     t, c = cross_entropy(logits, batch["targets"])
     total, count = total + float(t), count + float(c)
   return total / count
-
-
-def _decode_speed(result, config: LCKVConfig) -> float:
-  """Greedy tokens/s on held-out prompts, timed after one compiling call."""
-  prompts = held_out_prompts(result.source, config.decode_batch, config.decode_prompt_len)
-  params = jax.device_get(result.state.params)
-  run = lambda: generate(result.model, params, prompts, config.decode_new_tokens)  # noqa: E731
-  run()
-  t0 = time.perf_counter()
-  out = run()
-  return float(out.lengths.sum()) / (time.perf_counter() - t0)
 
 
 def _train_variant(config: LCKVConfig, name: str, directory: str) -> dict:
@@ -156,7 +128,8 @@ def _train_variant(config: LCKVConfig, name: str, directory: str) -> dict:
       "kv_bytes_per_token": kv_bytes_per_token(model),
       "cache_bytes_per_sequence": cache_bytes(init_cache(model, 1, config.context_len)),
       "val_loss": result.summary["val_loss"],
-      "decode_tokens_per_s": _decode_speed(result, config),
+      "decode_tokens_per_s": decode_speed(result, config.decode_batch, config.decode_prompt_len,
+                                          config.decode_new_tokens),
   }
   if cycle(plan):
     params = jax.device_get(result.state.params)

@@ -9,6 +9,7 @@ refused rather than mixed into a new summary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxtricks import metrics as mlog
-from jaxtricks.config import changed_keys, flatten
+from jaxtricks.config import changed_keys, default_twin, flatten
 from jaxtricks.errors import ConfigError, UserError
 from jaxtricks.train.loop import Preempted
 
@@ -28,15 +29,27 @@ class VariantFailed(UserError):
   """One variant of a multi-variant experiment failed; the rows finished before it are kept."""
 
 
-def variant_key(config: Any, ignore: Sequence[str] = ()) -> dict[str, Any]:
-  """The config a row depends on, as JSON would give it back: every field except the mesh (a
-  row does not depend on the device layout) and `ignore` (the variant selection)."""
+@dataclasses.dataclass(frozen=True)
+class RowKey:
+  """The config a row depends on (`values`, as JSON would give it back) and the same fields at
+  their defaults: a field added to the code since a row was written counts as its default."""
+  values: dict[str, Any]
+  defaults: dict[str, Any]
+
+
+def _flat_json(config: Any, ignore: Sequence[str]) -> dict[str, Any]:
   flat = {k: v for k, v in flatten(config).items()
           if not k.startswith("mesh.") and k not in ignore}
   return json.loads(json.dumps(flat, default=str))
 
 
-def _read_row(path: str, name: str, key: dict[str, Any]) -> dict | None:
+def variant_key(config: Any, ignore: Sequence[str] = ()) -> RowKey:
+  """The key of a row: every field except the mesh (a row does not depend on the device layout)
+  and `ignore` (the variant selection)."""
+  return RowKey(_flat_json(config, ignore), _flat_json(default_twin(config), ignore))
+
+
+def _read_row(path: str, name: str, key: RowKey) -> dict | None:
   if not os.path.exists(path):
     return None
   try:
@@ -48,24 +61,26 @@ def _read_row(path: str, name: str, key: dict[str, Any]) -> dict | None:
     mlog.log_progress(f"variant {name}: {path} was unreadable (renamed *.unreadable); "
                       "training it again")
     return None
-  diff = changed_keys(saved_key, key)
+  saved_key = {**{k: v for k, v in key.defaults.items() if k not in saved_key}, **saved_key}
+  diff = changed_keys(saved_key, key.values)
   if diff:
-    changes = ", ".join(f"{k}: {saved_key.get(k)!r} -> {key.get(k)!r}" for k in diff[:6])
+    changes = ", ".join(f"{k}: {saved_key.get(k)!r} -> {key.values.get(k)!r}"
+                        for k in diff[:6])
     more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
     raise ConfigError(f"{path} holds variant {name!r} made with another config ({changes}"
                       f"{more}); use another --workdir or delete that variant's folder")
   return row
 
 
-def _write_row(path: str, key: dict[str, Any], row: dict) -> None:
+def _write_row(path: str, key: RowKey, row: dict) -> None:
   """Written to a temporary file and renamed: a row file is complete or absent."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump({"config": key, "row": row}, f, indent=2, sort_keys=True, default=float)
+    json.dump({"config": key.values, "row": row}, f, indent=2, sort_keys=True, default=float)
   os.replace(tmp, path)
 
 
-def run_variants(workdir: str, names: Sequence[str], key_of: Callable[[str], dict[str, Any]],
+def run_variants(workdir: str, names: Sequence[str], key_of: Callable[[str], RowKey],
                  run_one: Callable[[str, str], dict], subdir: str = "variants") -> list[dict]:
   """Rows of `names` in order: read from `row.json` where a variant finished earlier under the
   same config (`key_of(name)`), else `run_one(name, variant_dir)` and written at once.

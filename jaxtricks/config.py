@@ -118,6 +118,14 @@ def as_flat_json(cfg: Any) -> dict[str, Any]:
   return flatten_json(json.loads(json.dumps(to_dict(cfg))))
 
 
+def default_twin(cfg: Any) -> Any:
+  """`cfg` with every field at its default, keeping the kind of every nested config and
+  component: what a field added since a config was saved counts as."""
+  nested = {f.name: default_twin(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if dataclasses.is_dataclass(getattr(cfg, f.name))}
+  return type(cfg)(**nested)
+
+
 def changed_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
   """The keys, sorted, whose values differ between two flat configs (absent counts as None)."""
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from experiments.variants import ROW_FILE, VariantFailed, run_variants
+from experiments.variants import ROW_FILE, RowKey, VariantFailed, run_variants, variant_key
 from jaxtricks.errors import ConfigError, DataError
 from jaxtricks.train.loop import Preempted
 
@@ -24,8 +24,10 @@ class Recorder:
     return {"name": name, "value": len(name), "wall_s": 1.0}
 
 
-def key_of(name):
-  return {"train.steps": 3, "model.size": len(name)}
+def key_of(name, **more):
+  values = {"train.steps": 3, "model.size": len(name), **more}
+  defaults = {"train.steps": 10, "model.size": 1, "model.new": 0}
+  return RowKey(values, {k: defaults[k] for k in values})
 
 
 def test_rows_are_written_in_order_and_a_rerun_reads_them(tmp_path, caplog):
@@ -35,7 +37,7 @@ def test_rows_are_written_in_order_and_a_rerun_reads_them(tmp_path, caplog):
   assert first.calls == ["a", "bb", "ccc"]
   assert [r["name"] for r in rows] == ["a", "bb", "ccc"]
   saved = json.loads((tmp_path / "variants" / "bb" / ROW_FILE).read_text())
-  assert saved == {"config": key_of("bb"), "row": rows[1]}
+  assert saved == {"config": key_of("bb").values, "row": rows[1]}
   second = Recorder()
   assert run_variants(str(tmp_path), ["a", "bb", "ccc"], key_of, second) == rows
   assert second.calls == []
@@ -76,10 +78,29 @@ def test_preemption_passes_through(tmp_path):
 
 def test_a_row_of_another_config_is_refused(tmp_path):
   run_variants(str(tmp_path), ["a"], key_of, Recorder())
-  other = lambda name: {"train.steps": 5, "model.size": 1}  # noqa: E731
+  other = lambda name: RowKey({"train.steps": 5, "model.size": 1}, {})  # noqa: E731
   with pytest.raises(ConfigError, match=r"holds variant 'a' made with another config "
                                         r"\(train.steps: 3 -> 5\)"):
     run_variants(str(tmp_path), ["a"], other, Recorder())
+
+
+def test_a_field_added_since_a_row_was_written_counts_as_its_default(tmp_path):
+  run_variants(str(tmp_path), ["a"], key_of, Recorder())
+  later = Recorder()  # the code gained the field model.new (default 0)
+  run_variants(str(tmp_path), ["a"], lambda name: key_of(name, **{"model.new": 0}), later)
+  assert later.calls == []
+  with pytest.raises(ConfigError, match=r"\(model.new: 0 -> 2\)"):
+    run_variants(str(tmp_path), ["a"], lambda name: key_of(name, **{"model.new": 2}), Recorder())
+
+
+def test_variant_key_defaults_keep_the_component_kinds():
+  from experiments import get_config  # noqa: PLC0415
+  from jaxtricks.config import override  # noqa: PLC0415
+  config = override(get_config("lckv", "smoke"), {"model.attention": "lckv", "window": 4})
+  key = variant_key(config, ignore=("variants",))
+  assert key.values["model.attention"] == key.defaults["model.attention"] == "lckv"
+  assert key.values["window"] == 4 and key.defaults["window"] == 32
+  assert key.defaults["model.attention.iterations"] == 7 and "variants" not in key.values
 
 
 def test_an_unreadable_row_is_set_aside_and_trained_again(tmp_path):

@@ -26,7 +26,15 @@ from jax.experimental import multihost_utils
 from jaxtricks import metrics as mlog
 from jaxtricks import sharding
 from jaxtricks.checkpoint import Checkpointer, abstract_with_shardings
-from jaxtricks.config import Config, as_flat_json, changed_keys, flatten, flatten_json, to_dict
+from jaxtricks.config import (
+  Config,
+  as_flat_json,
+  changed_keys,
+  default_twin,
+  flatten,
+  flatten_json,
+  to_dict,
+)
 from jaxtricks.data.corpus import Corpus
 from jaxtricks.data.sources import make_source
 from jaxtricks.errors import ConfigError, UserError
@@ -137,10 +145,8 @@ def check_resumable(workdir: str, config: Config) -> None:
                       "delete it")
   model = config.model
   # A field added since the checkpoint was written is fine at its default (of the same kind).
-  defaults = dataclasses.replace(type(model)(), **{
-      f.name: type(getattr(model, f.name))() for f in dataclasses.fields(model)
-      if dataclasses.is_dataclass(getattr(model, f.name))})
-  current, defaults, saved = as_flat_json(model), as_flat_json(defaults), flatten_json(saved)
+  current, defaults = as_flat_json(model), as_flat_json(default_twin(model))
+  saved = flatten_json(saved)
   saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
   diff = changed_keys(saved, current)
   if diff:
