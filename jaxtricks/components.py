@@ -9,6 +9,7 @@ import jaxtricks.layers.kan  # noqa: F401  mlp: kan
 import jaxtricks.layers.lckv  # noqa: F401  attention: lckv (Layer-Condensed KV)
 import jaxtricks.layers.linear  # noqa: F401  projection: dense
 import jaxtricks.layers.lora  # noqa: F401  projection: lora
+import jaxtricks.layers.medusa  # noqa: F401  mtp: medusa
 import jaxtricks.layers.mlp  # noqa: F401  mlp: swiglu
 import jaxtricks.layers.mora  # noqa: F401  projection: mora
 import jaxtricks.layers.mtp  # noqa: F401  mtp: transformer, linear, sequential

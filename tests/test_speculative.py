@@ -3,6 +3,7 @@ stop tokens, batches whose rows accept different numbers of drafts), real accept
 that has learned its data, sampling mode, and clear errors."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from jaxtricks.config import override
 from jaxtricks.decode import generate, speculative_generate
+from jaxtricks.errors import ConfigError
 from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.layers.mtp import TransformerHeads
 from jaxtricks.models.transformer import ModelConfig, Transformer
@@ -31,12 +33,21 @@ def _assert_same(plain, spec):
   chex.assert_trees_all_equal((spec.tokens, spec.lengths), (plain.tokens, plain.lengths))
 
 
-@pytest.mark.parametrize("kind", ["transformer", "linear"])
+def _perturbed(params, seed):
+  """Every parameter plus noise: zero-initialised heads (Medusa) then draft differently."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype)
+                                   for x, k in zip(leaves, keys, strict=True)])
+
+
+@pytest.mark.parametrize("kind", ["transformer", "linear", "medusa"])
 def test_greedy_speculative_equals_greedy_on_random_models(kind):
-  model = Transformer(override(CFG, {"mtp": kind}))
+  model = Transformer(override(CFG, {"mtp": kind, "mtp.heads": 4}))
   init = jax.jit(model.init)  # one compilation for the four draws (eager init is slow)
   for seed in range(4):  # random weights and prompts, hypothesis-style
-    params = init(jax.random.key(seed), jnp.zeros((1, P_MAX), jnp.int32))["params"]
+    params = _perturbed(init(jax.random.key(seed), jnp.zeros((1, P_MAX), jnp.int32))["params"],
+                        seed)
     prompts = _prompts(seed)
     plain = generate(model, params, prompts, NEW)
     for k in (1, 2, 4):
@@ -70,6 +81,37 @@ def trained():
   for _ in range(150):
     params, opt_state = step(params, opt_state)
   return model, params, perm
+
+
+def test_acceptance_logged_in_evaluation_matches_decoding(trained):
+  model, params, perm = trained
+  seqs = np.zeros((8, 33), np.int64)
+  seqs[:, 0] = np.arange(8) + 3
+  for t in range(32):
+    seqs[:, t + 1] = perm[seqs[:, t]]
+  batch = {"inputs": jnp.asarray(seqs[:, :-1], jnp.int32),
+           "targets": jnp.asarray(seqs[:, 1:], jnp.int32)}
+  metrics = LOSSES["mtp"](model, params, batch, train=False)[1]
+  accepts = [float(metrics[f"accept_{k}"]) for k in (2, 3, 4)]
+  assert all(a > 0.9 for a in accepts), accepts  # the permutation task: drafts are right
+  assert 3.5 < float(metrics["expected_tokens_per_forward"]) <= 4.0
+  assert "accept_2" not in LOSSES["mtp"](model, params, batch, train=True)[1]  # eval only
+  spec = speculative_generate(model, params, [list(seqs[0, :8])], NEW)
+  assert spec.tokens_per_forward > 3.0
+
+
+def test_medusa_heads_start_as_copies_of_the_next_token_head():
+  cfg = override(CFG, {"mtp": "medusa"})
+  model = Transformer(cfg)
+  tokens = jnp.asarray(np.arange(12).reshape(2, 6) % 16, jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  chex.assert_trees_all_equal(params["mtp_1"]["proj"]["kernel"],
+                              np.zeros((32, 32), np.float32))  # W_k = 0
+  h = model.apply({"params": params}, tokens, method="heads_hidden")
+  for k in range(1, 4):
+    chex.assert_trees_all_close(h[k], h[0])  # h + SiLU(h 0) = h
+  with pytest.raises(ConfigError, match="model.mtp=medusa needs model.mtp.heads >= 2"):
+    override(cfg, {"mtp.heads": 1}).validate()
 
 
 def test_a_trained_model_accepts_its_drafts(trained):

@@ -145,6 +145,27 @@ def heads_cross_entropy(project: Project, shared: dict, h_NxBxTxD: jnp.ndarray,
                      "accuracy": jax.lax.stop_gradient(accs_N)}
 
 
+def draft_acceptance(preds_NxBxT: jnp.ndarray, weights_NxBxT: jnp.ndarray
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Acceptance of greedy drafts from the heads' argmax predictions (n, B, T) (head i at
+  position t predicts token t + i): accept_K (n - 1,), how often head k + 1's prediction at t
+  equals the next-token head's at t + k, the one that verifies it; and the tokens per forward a
+  chain of all the drafts from t would give, 1 + sum_j prod_{i <= j} match_i, averaged over the
+  positions whose every draft has a target (weights: shift_targets's)."""
+  chex.assert_rank(preds_NxBxT, 3, custom_message="draft_acceptance: preds_NxBxT")
+  chex.assert_equal_shape([preds_NxBxT, weights_NxBxT], custom_message="draft_acceptance")
+  n = preds_NxBxT.shape[0]
+  verify = lambda k: jnp.pad(preds_NxBxT[0][:, k:], ((0, 0), (0, k)))  # noqa: E731
+  match_KxBxT = jnp.stack([preds_NxBxT[k] == verify(k) for k in range(1, n)]).astype(jnp.float32)
+  w_KxBxT = weights_NxBxT[1:]
+  accept_K = jnp.sum(match_KxBxT * w_KxBxT, axis=(1, 2)) / jnp.maximum(
+      jnp.sum(w_KxBxT, axis=(1, 2)), 1.0)
+  chain_BxT = 1.0 + jnp.sum(jnp.cumprod(match_KxBxT, axis=0), axis=0)
+  w_BxT = weights_NxBxT[-1]  # every draft from t has a target
+  expected = jnp.sum(chain_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
+  return accept_K, expected
+
+
 def greedy_accepts(drafts_BxK: jnp.ndarray, predicted_BxK: jnp.ndarray) -> jnp.ndarray:
   """(B,) length of the longest prefix where drafts equal the next-token head's predictions."""
   chex.assert_rank(drafts_BxK, 2, custom_message="greedy_accepts: drafts_BxK")

@@ -6,9 +6,11 @@ head's logits at once; the reference and the benchmark's baseline). Head i of th
 loss_lambda > 0.
 """
 
+import jax
 import jax.numpy as jnp
 
 from jaxtricks.ops.mtp import (
+  draft_acceptance,
   head_weights,
   heads_cross_entropy,
   heads_cross_entropy_naive,
@@ -38,6 +40,12 @@ def _mtp_loss(model, params, batch, train, rngs, efficient: bool) -> tuple[jnp.n
   for i in range(n):
     metrics[f"loss_head{i + 1}"] = per_head["loss"][i]
     metrics[f"accuracy_head{i + 1}"] = per_head["accuracy"][i]
+  if not train and n > 1:  # evaluation: the drafts' acceptance, one head's logits at a time
+    preds_NxBxT = jax.lax.map(lambda h: jnp.argmax(project(shared, h), axis=-1), h_NxBxTxD)
+    accept_K, expected = draft_acceptance(preds_NxBxT, weights_NxBxT)
+    for k in range(1, n):
+      metrics[f"accept_{k + 1}"] = accept_K[k - 1]
+    metrics["expected_tokens_per_forward"] = expected
   return with_terms(model, params, batch, train, objective, metrics)
 
 
@@ -46,7 +54,9 @@ def mtp_loss(model, params, batch, train: bool = False, rngs: dict | None = None
              ) -> tuple[jnp.ndarray, dict]:
   """Multi-token prediction (arXiv 2404.19737), memory-efficient: one head's logits at a time.
 
-  metrics: loss (the weighted sum over heads), accuracy (head 1), loss_head{i}, accuracy_head{i}.
+  metrics: loss (the weighted sum over heads), accuracy (head 1), loss_head{i}, accuracy_head{i};
+  in evaluation also accept_{k} (head k's argmax equal to the next-token head's at the position
+  verifying it, as MaxText logs it) and expected_tokens_per_forward (chain drafting from them).
   """
   return _mtp_loss(model, params, batch, train, rngs, efficient=True)
 

@@ -162,3 +162,29 @@ def test_speculative_sampling_keeps_the_target_distribution():
   assert np.abs(freq - p).max() < 0.005, freq  # ~5 standard errors at 200k samples
   accept_rate = float(np.mean(np.asarray(n)))
   assert accept_rate == pytest.approx(np.minimum(p, q).sum(), abs=0.005)
+
+
+def test_draft_acceptance_against_a_numpy_count():
+  rng = np.random.default_rng(3)
+  n, b, t = 4, 3, 9
+  preds = rng.integers(0, 3, (n, b, t))  # few classes: many matches
+  weights = np.ones((b, t), np.float32)
+  weights[1, 6:] = 0  # padding
+  _, w = mtp.shift_targets(jnp.zeros((b, t), jnp.int32), jnp.asarray(weights), n)
+  accept, expected = mtp.draft_acceptance(jnp.asarray(preds), w)
+  for k in range(1, n):
+    hits = [preds[k, r, s] == preds[0, r, s + k] for r in range(b) for s in range(t - k)
+            if weights[r, s + k]]
+    np.testing.assert_allclose(accept[k - 1], np.mean(hits), rtol=1e-6)
+  chains = []
+  for r in range(b):
+    for s in range(t - n + 1):
+      if weights[r, s + n - 1]:
+        length = 1
+        for k in range(1, n):
+          if preds[k, r, s] != preds[0, r, s + k]:
+            break
+          length += 1
+        chains.append(length)
+  np.testing.assert_allclose(expected, np.mean(chains), rtol=1e-6)
+
