@@ -106,8 +106,8 @@ def test_compute_matched_removes_trunk_layers():
   with pytest.raises(ConfigError, match="remove 3 of model.n_layers=3 layers"):
     override(cfg, {"n_layers": 3}).validate()
   with pytest.raises(ConfigError,
-                     match="mtp='medusa' is unknown; valid: linear, sequential, transformer"):
-    override(cfg, {"mtp": "medusa"})
+                     match="mtp='eagle' is unknown; valid: linear, medusa, sequential, transformer"):
+    override(cfg, {"mtp": "eagle"})
 
 
 def test_compute_matching_alone_is_not_cross_layer_attention():
