@@ -210,6 +210,22 @@ def _draft(logits_JxBxV, key, temperature, top_k, top_p):
   return drafts_JxB.T, jnp.moveaxis(jax.nn.softmax(logits_JxBxV, axis=-1), 0, 1)
 
 
+def _chain(step, project, h_BxD, tok_B, pos_B, cache, k, key, temperature, top_k, top_p):
+  """Drafts (B, J), their distributions (sampling) and the cache, from modules 1..k-1 chained at
+  positions pos_B: module j reads module j - 1's state (the trunk's for j = 1) and the token after
+  it (tok_B, then each module's draft), and writes its cache there."""
+  h_Bx1xD, drafts, qs = h_BxD[:, None], [], []
+  for j, key_j in zip(range(1, k), jax.random.split(key, max(k - 1, 1)), strict=False):
+    h_Bx1xD, cache = step(h_Bx1xD, tok_B[:, None], pos_B[:, None], cache, j)
+    d_Bx1, q = _draft(project(h_Bx1xD[:, 0])[None], key_j, temperature, top_k, top_p)
+    tok_B = d_Bx1[:, 0]
+    drafts.append(tok_B)
+    qs.append(q)
+  drafts_BxJ = jnp.stack(drafts, 1) if drafts else jnp.zeros((h_BxD.shape[0], 0), jnp.int32)
+  q_BxJxV = jnp.concatenate(qs, axis=1) if temperature and qs else None
+  return drafts_BxJ, q_BxJxV, cache
+
+
 class _Speculation(NamedTuple):
   """The loop state of self-speculative decoding (B rows, k heads, J = k - 1 drafts, N slots)."""
   it: jnp.ndarray            # () passes so far
@@ -235,6 +251,10 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   project = lambda h: model.apply(variables, h, method="project")
   heads = lambda toks, cache: model.apply(variables, toks, cache, k,
                                           method="decode_heads_hidden")
+  step = lambda h, toks, pos, cache, j: model.apply(variables, h, toks, pos, cache, j,
+                                                    method="draft_step")
+  chains = model.config.mtp.chains
+  draft_args = (temperature, top_k, top_p)
   h_KxBxPxD, cache = heads(tokens_BxP, prefill_limits(init_cache(model.config, b, max_len,
                                                                   mtp_heads=k), lengths_B))
   cache = end_prefill(cache, lengths_B)
@@ -242,7 +262,11 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   rng, k_first, key = jax.random.split(rng, 3)
   logits_KxBxV = project(h_KxBxD)
   y_B = sample(logits_KxBxV[0], k_first, temperature, top_k, top_p)
-  drafts_BxJ, q_BxJxV = _draft(logits_KxBxV[1:], key, temperature, top_k, top_p)
+  if chains:
+    drafts_BxJ, q_BxJxV, cache = _chain(step, project, h_KxBxD[0], y_B, lengths_B - 1, cache, k,
+                                        key, *draft_args)
+  else:
+    drafts_BxJ, q_BxJxV = _draft(logits_KxBxV[1:], key, *draft_args)
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
   slot_K = jnp.arange(k)
 
@@ -282,9 +306,16 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
     accepted_J = s.accepted_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
     # Roll the cache back to the accepted prefix: later slots are overwritten before being read.
     new_cache["lengths"] = cache["lengths"] + jnp.where(active_B, a_B + 1, 0)
-    # Drafts from the heads' states at the last accepted position (head 1's is in logits_BxKxV).
-    h_JxBxD = jnp.take_along_axis(h_KxBxKxD[1:], a_B[None, :, None, None], axis=2)[:, :, 0]
-    drafts_BxJ, q_next = _draft(project(h_JxBxD), k_draft, temperature, top_k, top_p)
+    # Drafts from the heads' states at the last accepted position (head 1's is in logits_BxKxV),
+    # or chained from the trunk's state there.
+    if chains:
+      h_BxD = jnp.take_along_axis(h_KxBxKxD[0], a_B[:, None, None], axis=1)[:, 0]
+      drafts_BxJ, q_next, new_cache = _chain(step, project, h_BxD, next_B,
+                                             new_cache["lengths"] - 1, new_cache, k, k_draft,
+                                             *draft_args)
+    else:
+      h_JxBxD = jnp.take_along_axis(h_KxBxKxD[1:], a_B[None, :, None, None], axis=2)[:, :, 0]
+      drafts_BxJ, q_next = _draft(project(h_JxBxD), k_draft, *draft_args)
     q_BxJxV = q_BxJxV if q_next is None else q_next
     return _Speculation(s.it + 1, new_cache, next_B, drafts_BxJ, q_BxJxV, out_BxN, n_B, done_B,
                         s.passes_B + active_B.astype(jnp.int32), accepted_J, tried_J, rng)
@@ -307,7 +338,9 @@ def speculative_generate(model, params, prompts: Sequence[Sequence[int]] | np.nd
                          ) -> SpeculativeGeneration:
   """Self-speculative decoding with the heads of a multi-token model (arXiv 2404.19737, 3.2).
 
-  Each forward pass feeds the next token and the k - 1 drafts of heads 2..k, accepts the longest
+  Each forward pass feeds the next token and the k - 1 drafts of heads 2..k (parallel heads
+  draft from one state; sequential modules, DeepSeek-V3's, chain one module at a time from the
+  last accepted state, each with its own cache), accepts the longest
   prefix the next-token head agrees with (greedy) or the Leviathan et al. rule (sampling), emits
   it plus one corrected token, and drafts again from the same pass. Greedy output is the same as
   `generate`'s; sampling output has the same distribution. n_heads: k (default: all heads).

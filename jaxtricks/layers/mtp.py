@@ -8,7 +8,8 @@ kinds, each a component of the `mtp` slot:
 - `linear`: z + z W_i on the trunk output (their Table S5 "linear"); W_i starts small, so every
   head starts as a copy of the next-token head and learns its offset;
 - `sequential`: DeepSeek-V3's modules (eq. 21-22), a block over W [RMSNorm(h_prev);
-  RMSNorm(Emb(token t + i))], W a 2D -> D projection, chained from the trunk output.
+  RMSNorm(Emb(token t + i))], W a 2D -> D projection, chained from the trunk output; they draft
+  one module at a time from the last accepted state, each module with a KV cache of its own.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class SequentialModule(nn.Module):
   block: Callable[..., nn.Module]
 
   @nn.compact
-  def __call__(self, h_prev_BxTxD, emb_BxTxD, positions_BxT, train: bool = False):
+  def __call__(self, h_prev_BxTxD, emb_BxTxD, positions_BxT, cache: dict | None = None,
+               train: bool = False) -> tuple[jnp.ndarray, dict | None]:
+    """(state (B, T, D), updated cache or None); a cache holds the block's K/V."""
     cfg = self.config
     norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
     both_BxTx2xD = jnp.stack([RMSNorm(name="h_norm", **norm)(h_prev_BxTxD),
@@ -60,7 +63,8 @@ class SequentialModule(nn.Module):
     x_BxTxD = Linear((cfg.d_model,), ("mtp_in", "embed", "embed_out"), in_ndim=2, name="proj",
                      dtype=cfg.dtype, param_dtype=cfg.param_dtype)(both_BxTx2xD)
     block = self.block(cfg, cfg.depth - 1, own_kv=True, name="block")
-    return block(x_BxTxD, positions_BxT, train=train)[0]
+    h_BxTxD, _, cache = block(x_BxTxD, positions_BxT, None, cache, train=train)
+    return h_BxTxD, cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class MultiTokenHeads(Component):
   compute_matched: bool = False
   loss_lambda: float = 0.0
   can_draft: ClassVar[bool] = True   # heads 2..n draft for self-speculative decoding
+  chains: ClassVar[bool] = False     # drafts one module at a time (`step`), not in parallel
 
   def layers_removed(self, model: Any) -> int:
     return self.heads - 1 if self.compute_matched else 0
@@ -89,6 +94,13 @@ class MultiTokenHeads(Component):
              train: bool) -> list[jnp.ndarray]:
     """Pre-norm states of heads 2..n; writes their updated caches into `new_cache`."""
     raise NotImplementedError
+
+  def step(self, heads: list[nn.Module], module: int, h_prev_BxTxD: jnp.ndarray,
+           tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray, embed: Callable,
+           cache: dict) -> tuple[jnp.ndarray, dict]:
+    """Chained drafting (`chains`): module `module` (1-based) on the previous state and the
+    tokens after it, at positions_BxT, with its cache: (its state, the updated cache)."""
+    raise NotImplementedError(f"model.mtp={self.kind!r} heads draft in parallel")
 
 
 @register("mtp", "transformer")
@@ -128,18 +140,35 @@ class LinearHeads(MultiTokenHeads):
 @register("mtp", "sequential")
 @dataclasses.dataclass(frozen=True)
 class SequentialHeads(MultiTokenHeads):
-  can_draft: ClassVar[bool] = False
+  """With a cache (decoding), module i runs over the given tokens as in training (token t + i
+  from the tokens given, 0 past their end) and writes its cache at their positions; drafting
+  then chains the modules from the last accepted state (`step`), overwriting that position's
+  entries with the drafted tokens' inputs. Entries at earlier positions whose token t + i was
+  not yet known keep the inputs of their verification block: they only change the drafts,
+  never the output, which the next-token head verifies."""
+  chains: ClassVar[bool] = True
 
   def build(self, model, block):
     return [SequentialModule(model, block, name=f"mtp_{i}") for i in range(1, self.heads)]
 
   def states(self, heads, trunk, tokens_BxT, embed, cache, new_cache, n, train):
-    if cache is not None:
-      raise ValueError("sequential multi-token modules do not decode with a KV cache")
     out, h_BxTxD = [], trunk.x_BxTxD
     for i, head in enumerate(heads[:n - 1], start=1):
       # Token t + i feeds module i at position t; past the end: token 0 (its target is masked).
       shifted_BxT = jnp.pad(tokens_BxT[:, i:], ((0, 0), (0, i)))
-      h_BxTxD = head(h_BxTxD, embed(shifted_BxT, train=train), trunk.positions_BxT, train=train)
+      head_cache = None if cache is None else cache[f"mtp_{i}"]
+      h_BxTxD, head_cache = head(h_BxTxD, embed(shifted_BxT, train=train), trunk.positions_BxT,
+                                 head_cache, train=train)
+      if cache is not None:
+        new_cache[f"mtp_{i}"] = head_cache
       out.append(h_BxTxD)
     return out
+
+  def step(self, heads, module, h_prev_BxTxD, tokens_BxT, positions_BxT, embed, cache):
+    h_BxTxD, head_cache = heads[module - 1](h_prev_BxTxD, embed(tokens_BxT), positions_BxT,
+                                            cache[f"mtp_{module}"])
+    return h_BxTxD, {**cache, f"mtp_{module}": head_cache}
+
+  def cache_entries(self, model, batch, max_len, mtp_heads):
+    return {f"mtp_{i}": model.attention.kv_cache(model, batch, max_len)
+            for i in range(1, min(self.heads, mtp_heads))}

@@ -124,3 +124,11 @@ class Transformer(nn.Module):
                           ) -> tuple[jnp.ndarray, dict]:
     """(pre-norm states (n, B, T, D) of heads 1..n, updated cache) with the heads' caches."""
     return self._heads(tokens_BxT, None, cache, n_heads, False)
+
+  def draft_step(self, h_prev_BxTxD: jnp.ndarray, tokens_BxT: jnp.ndarray,
+                 positions_BxT: jnp.ndarray, cache: dict, module: int
+                 ) -> tuple[jnp.ndarray, dict]:
+    """Chained drafting (heads whose `mtp.chains`): multi-token module `module` (1-based) on the
+    previous pre-norm state and the tokens after it, with its cache: (its state, cache)."""
+    return self.config.mtp.step(self.mtp, module, h_prev_BxTxD, tokens_BxT, positions_BxT,
+                                self.embed, cache)

@@ -105,8 +105,8 @@ def test_compute_matched_removes_trunk_layers():
   assert len(blocks) == 3 and len([k for k in params if k.startswith("mtp_")]) == 3
   with pytest.raises(ConfigError, match="remove 3 of model.n_layers=3 layers"):
     override(cfg, {"n_layers": 3}).validate()
-  with pytest.raises(ConfigError,
-                     match="mtp='eagle' is unknown; valid: linear, medusa, sequential, transformer"):
+  with pytest.raises(ConfigError, match="mtp='eagle' is unknown; valid: linear, medusa, "
+                                        "sequential, transformer"):
     override(cfg, {"mtp": "eagle"})
 
 
