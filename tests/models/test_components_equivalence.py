@@ -1,6 +1,7 @@
 """Each model component gives what the code before the components refactor gave, on the same
 parameters: logits, loss, gradients, one optimizer update, decode-cache shapes
-(tests/fixtures/components.npz, written by tests/fixtures/make_components_fixture.py)."""
+(tests/fixtures/components.npz, written by tests/fixtures/make_components_fixture.py). One
+change since: sequential modules draft, so their cases also cache mtp_1 (cases.json)."""
 
 from __future__ import annotations
 
