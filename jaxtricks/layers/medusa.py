@@ -13,26 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxtricks.errors import ConfigError
-from jaxtricks.layers.linear import Linear
-from jaxtricks.layers.mtp import MultiTokenHeads
+from jaxtricks.layers.mtp import MultiTokenHeads, ResidualLinearHead
 from jaxtricks.registry import register
-
-
-class MedusaResBlock(nn.Module):
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-
-  @nn.compact
-  def __call__(self, h_BxTxD: jnp.ndarray) -> jnp.ndarray:
-    d = h_BxTxD.shape[-1]
-    w = Linear((d,), ("embed", "embed_out"), std=0.0, dtype=self.dtype,
-               param_dtype=self.param_dtype, name="proj")
-    return h_BxTxD + jax.nn.silu(w(h_BxTxD))
 
 
 @register("mtp", "medusa")
@@ -48,7 +33,8 @@ class MedusaHeads(MultiTokenHeads):
 
   def build(self, model, block):
     del block
-    return [MedusaResBlock(dtype=model.dtype, param_dtype=model.param_dtype, name=f"mtp_{i}")
+    return [ResidualLinearHead(dtype=model.dtype, param_dtype=model.param_dtype, std_scale=0.0,
+                               activation=jax.nn.silu, name=f"mtp_{i}")
             for i in range(1, self.heads)]
 
   def states(self, heads, trunk, tokens_BxT, embed, cache, new_cache, n, train):

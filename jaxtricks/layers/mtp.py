@@ -35,15 +35,19 @@ class Trunk(NamedTuple):
 
 
 class ResidualLinearHead(nn.Module):
+  """z + act(z W), W drawn with std `std_scale` / sqrt(D) (0: zeros); act None: identity."""
   dtype: str = "float32"
   param_dtype: str = "float32"
+  std_scale: float = 0.02
+  activation: Callable[[jnp.ndarray], jnp.ndarray] | None = None
 
   @nn.compact
   def __call__(self, z_BxTxD: jnp.ndarray) -> jnp.ndarray:
     d = z_BxTxD.shape[-1]
-    w = Linear((d,), ("embed", "embed_out"), std=0.02 * d ** -0.5, dtype=self.dtype,
+    w = Linear((d,), ("embed", "embed_out"), std=self.std_scale * d ** -0.5, dtype=self.dtype,
                param_dtype=self.param_dtype, name="proj")
-    return z_BxTxD + w(z_BxTxD)
+    out_BxTxD = w(z_BxTxD)
+    return z_BxTxD + (out_BxTxD if self.activation is None else self.activation(out_BxTxD))
 
 
 class SequentialModule(nn.Module):
