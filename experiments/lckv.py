@@ -211,25 +211,24 @@ def format_table(rows: list[dict], patching: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], config: LCKVConfig, workdir: str) -> str | None:
-  try:
-    from jaxtricks.plotting import plot_labeled_points  # noqa: PLC0415 (matplotlib is optional)
-  except ImportError:
-    return None
   points = [(r["name"], r["cache_bytes_per_sequence"] / config.context_len, r["val_loss"])
             for r in rows]
-  return plot_labeled_points(points, os.path.join(workdir, "lckv.png"),
-                             f"allocated KV-cache bytes per token at {config.context_len} tokens",
-                             "held-out loss (nats per byte)", log2_x=True)
+  return _scatter(points, os.path.join(workdir, "lckv.png"),
+                  f"allocated KV-cache bytes per token at {config.context_len} tokens",
+                  log2_x=True)
 
 
 def _plot_patching(patching: list[dict], workdir: str) -> str | None:
   if not patching:
     return None
+  return _scatter([(str(p["layers"]), p["layers"], p["val_loss"]) for p in patching],
+                  os.path.join(workdir, "lckv_patching.png"),
+                  "layers running HyperAttention (the last l)")
+
+
+def _scatter(points: list, path: str, xlabel: str, log2_x: bool = False) -> str | None:
   try:
     from jaxtricks.plotting import plot_labeled_points  # noqa: PLC0415 (matplotlib is optional)
   except ImportError:
     return None
-  return plot_labeled_points([(str(p["layers"]), p["layers"], p["val_loss"]) for p in patching],
-                             os.path.join(workdir, "lckv_patching.png"),
-                             "layers running HyperAttention (the last l)",
-                             "held-out loss (nats per byte)")
+  return plot_labeled_points(points, path, xlabel, "held-out loss (nats per byte)", log2_x=log2_x)

@@ -35,8 +35,8 @@ def lckv_sources(depth: int, warmup: int) -> tuple[int, ...]:
   """Sandwich layout: warmup // 2 standard layers at the bottom, the rest at the top; the layers
   between read the highest of them that is not a warm-up layer."""
   if not 0 <= warmup < depth:
-    raise ValueError(f"warmup={warmup} must be in [0, {depth}) (the trunk depth {depth} needs "
-                     f"at least one layer reading the top layer)")
+    raise ValueError(f"warmup={warmup} must be in [0, {depth}): LCKV needs at least one of the "
+                     f"{depth} layers to read the top layer")
   bottom = warmup // 2
   top = depth - 1 - (warmup - bottom)
   return tuple(i if i < bottom or i > top else top for i in range(depth))
@@ -108,16 +108,12 @@ class LCKVAttention(AttentionConfig):
     return lckv_sources(depth, self.warmup)
 
   def validate(self, model: Any) -> None:
-    if not self.kv_layout and not 0 <= self.warmup < model.depth:
-      raise ConfigError(f"model.attention.warmup={self.warmup} must be in [0, {model.depth}): "
-                        f"LCKV needs at least one of the {model.depth} layers to read the top "
-                        f"layer")
     if self.iterations < 1:
       raise ConfigError(f"model.attention.iterations must be >= 1, got {self.iterations}")
     if not 1 <= self.grad_iterations <= self.iterations:
       raise ConfigError(f"model.attention.grad_iterations={self.grad_iterations} must be in "
                         f"[1, model.attention.iterations={self.iterations}]")
-    super().validate(model)
+    super().validate(model)  # the layout, warmup included (lckv_sources)
 
   def check_order(self, plan: tuple[LayerKV, ...]) -> None:
     del plan  # any order: the span reading later layers is iterated

@@ -34,22 +34,25 @@ def check_implementation(implementation: str) -> None:
                      f"{', '.join(IMPLEMENTATIONS)}")
 
 
+def visible(diff, window: int = 0, strict: bool = False):
+  """Whether a key `diff` = query position - key position before the query is visible: diff >= 0
+  (> 0 when strict) and diff < window when window > 0. numpy or jnp arrays alike."""
+  mask = diff > 0 if strict else diff >= 0
+  return mask & (diff < window) if window else mask
+
+
 def causal_mask(q_pos_BxT: jnp.ndarray, k_pos_BxS: jnp.ndarray, window: int = 0,
                 strict: bool = False) -> jnp.ndarray:
   """(B, T, S) boolean: query at position p may attend keys at positions <= p (< p when
   strict), and > p - window when window > 0."""
   chex.assert_rank([q_pos_BxT, k_pos_BxS], 2, custom_message="causal_mask: positions")
   chex.assert_equal_shape([q_pos_BxT, k_pos_BxS], dims=0, custom_message="causal_mask: batch")
-  diff_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
-  mask_BxTxS = diff_BxTxS > 0 if strict else diff_BxTxS >= 0
-  return mask_BxTxS & (diff_BxTxS < window) if window else mask_BxTxS
+  return visible(q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :], window, strict)
 
 
 def static_mask(t: int, window: int = 0, strict: bool = False) -> np.ndarray:
   """(1, T, T) `causal_mask` of positions 0..T-1, a numpy constant."""
-  diff_TxT = np.arange(t)[:, None] - np.arange(t)[None, :]
-  mask_TxT = diff_TxT > 0 if strict else diff_TxT >= 0
-  return (mask_TxT & (diff_TxT < window) if window else mask_TxT)[None]
+  return visible(np.arange(t)[:, None] - np.arange(t)[None, :], window, strict)[None]
 
 
 def attention(q_BxTxNxH: jnp.ndarray, k_BxSxKxH: jnp.ndarray, v_BxSxKxH: jnp.ndarray,
