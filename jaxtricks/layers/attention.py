@@ -6,14 +6,16 @@ in as `shared_kv` (Cross-Layer Attention: no K/V projections at all); the model'
 (jaxtricks.ops.kv_layout) says which, per layer. With a cache, new keys (after RoPE) and values
 are written at each row's current length and attention reads the cache. A producer with a
 sliding window W keeps a ring buffer of R >= W slots instead: token p goes to slot p mod R and
-the slot remembers p, so attention masks by the stored positions.
+the slot remembers p, so attention masks by the stored positions. New tokens that are the nodes
+of a candidate tree (a cache entry `tree`, jaxtricks.ops.tree) see the cached prefix and their
+ancestors only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,7 @@ from jaxtricks.ops.attention import (
 )
 from jaxtricks.ops.kv_layout import LayerKV, cycle, kv_plan, kv_sources, ring_size
 from jaxtricks.ops.rope import apply_rope
+from jaxtricks.ops.tree import tree_cache_mask
 from jaxtricks.registry import Component, register
 
 
@@ -42,6 +45,7 @@ class KV:
   v: jnp.ndarray
   positions: jnp.ndarray | None   # (B, S) key positions; None: 0..S-1
   head_major: bool = struct.field(pytree_node=False, default=False)
+  mask: jnp.ndarray | None = None  # (B, T, S) visibility overriding the causal one (trees)
 
 
 def write_cache(cache_BxKxSxH: jnp.ndarray, new_BxTxKxH: jnp.ndarray,
@@ -124,14 +128,20 @@ class SelfAttention(nn.Module):
       if cache is None:
         kv = KV(k_BxTxKxH, v_BxTxKxH, positions_BxT)
       elif "pos" in cache:
+        if "tree" in cache:
+          raise ValueError("tree decoding needs a full KV cache; sliding-window layers keep a "
+                           "ring buffer")
         kv, cache = ring_update(cache, k_BxTxKxH, v_BxTxKxH, positions_BxT)
       else:
         lengths_B = positions_BxT[:, 0]
+        tree = cache.get("tree")
         cache = {"k": write_cache(cache["k"], k_BxTxKxH, lengths_B),
                  "v": write_cache(cache["v"], v_BxTxKxH, lengths_B)}
         b, _, s, _ = cache["k"].shape
         slots_BxS = jnp.broadcast_to(jnp.arange(s), (b, s))
-        kv = KV(cache["k"], cache["v"], slots_BxS, head_major=True)
+        # Tree nodes: node i at slot length + i, its position at its depth (no causal order).
+        mask = None if tree is None else tree_cache_mask(lengths_B, s, tree["mask"])
+        kv = KV(cache["k"], cache["v"], slots_BxS, head_major=True, mask=mask)
     else:
       if shared_kv is None:
         raise ValueError("a layer without K/V projections needs the K/V of its source layer")
@@ -140,7 +150,10 @@ class SelfAttention(nn.Module):
     if not static and (positions_BxT is None or kv.positions is None):
       raise ValueError("queries and shared keys must both have positions or both be 0..T-1")
     window, strict = self.window, self.masks_diagonal
-    mask_BxTxS = None if static else causal_mask(positions_BxT, kv.positions, window, strict)
+    if kv.mask is not None:  # set by the producer (tree decoding); CLA readers share it
+      mask_BxTxS = kv.mask
+    else:
+      mask_BxTxS = None if static else causal_mask(positions_BxT, kv.positions, window, strict)
     dtype = q_BxTxNxH.dtype
     if kv.head_major:
       out_BxTxNxH = cached_attention(q_BxTxNxH, kv.k.astype(dtype), kv.v.astype(dtype),
@@ -188,6 +201,7 @@ class AttentionConfig(Component):
   hyper_samples: int = 256       # HyperAttention: sampled key columns m (0: none)
   hyper_min_len: int = 4096      # HyperAttention: exact causal attention at or below this length
   hyper_seed: int = 0            # HyperAttention: LSH directions and samples (plus the layer)
+  tree_decoding: ClassVar[bool] = True  # decodes a candidate tree in one pass (no window)
 
   @property
   def kv_heads(self) -> int:

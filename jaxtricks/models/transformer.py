@@ -70,8 +70,9 @@ class Transformer(nn.Module):
 
   def _trunk(self, tokens_BxT, positions_BxT, cache, train):
     """(Trunk of pre-norm states and positions, updated cache or None)."""
-    if cache is not None:
-      positions_BxT = cache["lengths"][:, None] + jnp.arange(tokens_BxT.shape[1])
+    if cache is not None:  # tree nodes (jaxtricks.ops.tree) sit at their depth past the length
+      offsets_T = cache["tree"]["depth"] if "tree" in cache else jnp.arange(tokens_BxT.shape[1])
+      positions_BxT = cache["lengths"][:, None] + offsets_T
     # Without a cache and positions, every row is at 0..T-1 (static RoPE tables and mask).
     x_BxTxD = self.embed(tokens_BxT, train=train)
     x_BxTxD, z_BxTxD, new_cache = self.config.attention.run_blocks(

@@ -13,14 +13,23 @@ from typing import Any
 import jax.numpy as jnp
 
 
-def layer_cache(cache: dict | None, layer: int) -> dict | None:
-  """Block `layer`'s cache entry; a ring buffer also gets `limits` (prefill padding) if given."""
+def cache_entry(cache: dict | None, name: str) -> dict | None:
+  """The cache entry `name` of one attention layer with what the decoding call says about the
+  new tokens: `tree` (they are the nodes of a candidate tree, jaxtricks.ops.tree) and, for a
+  ring buffer, `limits` (prefill padding)."""
   if cache is None:
     return None
-  entry = cache[f"layer_{layer}"]
+  entry = cache[name]
+  if "tree" in cache:
+    entry = {**entry, "tree": cache["tree"]}
   if "pos" in entry and "limits" in cache:
     entry = {**entry, "limits": cache["limits"]}
   return entry
+
+
+def layer_cache(cache: dict | None, layer: int) -> dict | None:
+  """Block `layer`'s cache entry (`cache_entry`)."""
+  return cache_entry(cache, f"layer_{layer}")
 
 
 def run_layers(plan: tuple, blocks: list, layers: range, x_BxTxD: jnp.ndarray,
