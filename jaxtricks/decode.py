@@ -226,6 +226,28 @@ def _chain(step, project, h_BxD, tok_B, pos_B, cache, k, key, temperature, top_k
   return drafts_BxJ, q_BxJxV, cache
 
 
+def emit_block(block_BxK, a_B, out_BxN, n_B, done_B, accepted_J, tried_J, stops,
+               max_new_tokens: int):
+  """Emits each active row's first a + 1 tokens of its verified block, cut after a stop token
+  and at max_new_tokens: (out, n, done, accepted drafts per position, tried per position)."""
+  k = block_BxK.shape[1]
+  slot_K = jnp.arange(k)
+  active_B = ~done_B
+  stop_BxK = jnp.isin(block_BxK, stops) & (slot_K <= a_B[:, None])
+  count_B = jnp.where(jnp.any(stop_BxK, axis=1), jnp.argmax(stop_BxK, axis=1) + 1, a_B + 1)
+  count_B = jnp.where(active_B, jnp.minimum(count_B, max_new_tokens - n_B), 0)
+  emitted_BxK = jnp.where(slot_K < count_B[:, None], block_BxK, 0)
+  out_BxN = jax.vmap(lambda o, x, i: jax.lax.dynamic_update_slice(o, x, (i,)))(
+      out_BxN, emitted_BxK, n_B)
+  n_B = n_B + count_B
+  done_B = done_B | jnp.any(stop_BxK & (slot_K < count_B[:, None]), axis=1)
+  done_B = done_B | (n_B >= max_new_tokens)
+  slot_J = slot_K[:k - 1]
+  tried_J = tried_J + jnp.sum(active_B[:, None] & (a_B[:, None] >= slot_J), axis=0)
+  accepted_J = accepted_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
+  return out_BxN, n_B, done_B, accepted_J, tried_J
+
+
 class _Speculation(NamedTuple):
   """The loop state of self-speculative decoding (B rows, k heads, J = k - 1 drafts, N slots)."""
   it: jnp.ndarray            # () passes so far
@@ -268,7 +290,6 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
   else:
     drafts_BxJ, q_BxJxV = _draft(logits_KxBxV[1:], key, *draft_args)
   stops = jnp.array(stop_tokens or (-1,), jnp.int32)
-  slot_K = jnp.arange(k)
 
   def body(s: _Speculation) -> _Speculation:
     cache, y_B, drafts_BxJ, q_BxJxV, n_B = s.cache, s.next_B, s.drafts_BxJ, s.q_BxJxV, s.n_B
@@ -291,19 +312,8 @@ def _speculate(params, tokens_BxP, lengths_B, rng, *, model, k, max_new_tokens, 
         a_B, resample_B = speculative_accepts(p_BxKxV[:, :-1], q_BxJxV, drafts_BxJ, k_accept)
         next_B = jnp.where(a_B == k - 1, bonus_B, resample_B)
     active_B = ~s.done_B
-    # Emitted: the block's first a + 1 tokens, cut after a stop token and at max_new_tokens.
-    stop_BxK = jnp.isin(block_BxK, stops) & (slot_K <= a_B[:, None])
-    count_B = jnp.where(jnp.any(stop_BxK, axis=1), jnp.argmax(stop_BxK, axis=1) + 1, a_B + 1)
-    count_B = jnp.where(active_B, jnp.minimum(count_B, max_new_tokens - n_B), 0)
-    emitted_BxK = jnp.where(slot_K < count_B[:, None], block_BxK, 0)
-    out_BxN = jax.vmap(lambda o, x, i: jax.lax.dynamic_update_slice(o, x, (i,)))(
-        s.out_BxN, emitted_BxK, n_B)
-    n_B = n_B + count_B
-    done_B = s.done_B | jnp.any(stop_BxK & (slot_K < count_B[:, None]), axis=1)
-    done_B = done_B | (n_B >= max_new_tokens)
-    slot_J = slot_K[:k - 1]
-    tried_J = s.tried_J + jnp.sum(active_B[:, None] & (a_B[:, None] >= slot_J), axis=0)
-    accepted_J = s.accepted_J + jnp.sum(active_B[:, None] & (a_B[:, None] > slot_J), axis=0)
+    out_BxN, n_B, done_B, accepted_J, tried_J = emit_block(
+        block_BxK, a_B, s.out_BxN, n_B, s.done_B, s.accepted_J, s.tried_J, stops, max_new_tokens)
     # Roll the cache back to the accepted prefix: later slots are overwritten before being read.
     new_cache["lengths"] = cache["lengths"] + jnp.where(active_B, a_B + 1, 0)
     # Drafts from the heads' states at the last accepted position (head 1's is in logits_BxKxV),

@@ -189,3 +189,14 @@ def test_sampling_with_chained_sequential_drafts_keeps_the_target_distribution()
   assert spec.tokens_per_forward > 1.0  # drafts are accepted
   # Total variation; the sampling noise of two such histograms is about 0.025.
   assert 0.5 * np.abs(hist(plain) - hist(spec)).sum() < 0.06
+
+
+def test_tree_verification_accepts_more_than_the_chain(trained):
+  from jaxtricks.decode_tree import tree_generate  # noqa: PLC0415
+  model, params, _ = trained
+  prompts = [[1, 2, 3], [5], [7, 8]]
+  params = _perturbed(params, 0)  # imperfect heads: the tree's other branches get used
+  chain = speculative_generate(model, params, prompts, NEW)
+  tree = tree_generate(model, params, prompts, NEW, tree=(3, 2, 1))
+  _assert_same(generate(model, params, prompts, NEW), tree)
+  assert tree.tokens_per_forward >= chain.tokens_per_forward

@@ -4,7 +4,9 @@ next-token path; heads 2..n are modules `mtp_1 .. mtp_{n-1}` beside the trunk, o
 kinds, each a component of the `mtp` slot:
 
 - `transformer`: parallel transformer layers on the input of the last trunk block (Gloeckle et
-  al.), each with a KV cache of its own, so they draft for self-speculative decoding;
+  al.), each with a KV cache of its own, so they draft for self-speculative decoding; with
+  `stacked_decode`, decoding runs them as one layer vmapped over the heads (`stacked_heads`:
+  their parameters stacked, one cache entry `mtp_heads` of (n - 1, B, ...) arrays);
 - `linear`: z + z W_i on the trunk output (their Table S5 "linear"); W_i starts small, so every
   head starts as a copy of the next-token head and learns its offset;
 - `sequential`: DeepSeek-V3's modules (eq. 21-22), a block over W [RMSNorm(h_prev);
@@ -19,11 +21,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.linear import Linear
 from jaxtricks.layers.norm import RMSNorm
+from jaxtricks.models.trunk import cache_entry
 from jaxtricks.registry import Component, register
 
 
@@ -107,27 +111,55 @@ class MultiTokenHeads(Component):
     raise NotImplementedError(f"model.mtp={self.kind!r} heads draft in parallel")
 
 
+def stacked_heads(heads: list[nn.Module], z_BxTxD: jnp.ndarray, positions_BxT: jnp.ndarray,
+                  entry: dict) -> tuple[jnp.ndarray, dict]:
+  """Blocks `heads` (J of one architecture, bound) as one block vmapped over J, their parameters
+  stacked: (states (J, B, T, D), updated cache); the cache entry holds (J, B, ...) arrays, head
+  j's cache at [j], and what `cache_entry` adds for all heads. Equal to calling each head on its
+  own cache."""
+  params_J = jax.tree.map(lambda *p: jnp.stack(p), *[h.variables["params"] for h in heads])
+  block = heads[0].clone(parent=None)
+
+  shared = {name: x for name, x in entry.items() if name not in ("k", "v")}
+
+  def one(params, kv):
+    h_BxTxD, _, kv = block.apply({"params": params}, z_BxTxD, positions_BxT, None,
+                                 {**kv, **shared})
+    return h_BxTxD, kv
+
+  return jax.vmap(one)(params_J, {"k": entry["k"], "v": entry["v"]})
+
+
 @register("mtp", "transformer")
 @dataclasses.dataclass(frozen=True)
 class TransformerHeads(MultiTokenHeads):
+  stacked_decode: bool = False  # decode the heads as one vmapped layer (benchmarks/mtp.py)
+
   def build(self, model, block):
     return [block(model, model.depth - 1, own_kv=True, name=f"mtp_{i}")
             for i in range(1, self.heads)]
 
   def states(self, heads, trunk, tokens_BxT, embed, cache, new_cache, n, train):
+    z_BxTxD, positions_BxT = trunk.z_BxTxD, trunk.positions_BxT
+    if cache is None:
+      return [head(z_BxTxD, positions_BxT, None, None, train=train)[0] for head in heads[:n - 1]]
+    if self.stacked_decode and n > 1:
+      h_JxBxTxD, new_cache["mtp_heads"] = stacked_heads(heads[:n - 1], z_BxTxD, positions_BxT,
+                                                        cache_entry(cache, "mtp_heads"))
+      return list(h_JxBxTxD)
     out = []
     for i, head in enumerate(heads[:n - 1], start=1):
-      head_cache = None if cache is None else cache[f"mtp_{i}"]
-      h_BxTxD, _, head_cache = head(trunk.z_BxTxD, trunk.positions_BxT, None, head_cache,
-                                    train=train)
-      if cache is not None:
-        new_cache[f"mtp_{i}"] = head_cache
+      h_BxTxD, _, new_cache[f"mtp_{i}"] = head(z_BxTxD, positions_BxT, None,
+                                               cache_entry(cache, f"mtp_{i}"), train=train)
       out.append(h_BxTxD)
     return out
 
   def cache_entries(self, model, batch, max_len, mtp_heads):
-    return {f"mtp_{i}": model.attention.kv_cache(model, batch, max_len)
-            for i in range(1, min(self.heads, mtp_heads))}
+    j = min(self.heads, mtp_heads) - 1
+    one = lambda: model.attention.kv_cache(model, batch, max_len)  # noqa: E731
+    if self.stacked_decode:
+      return {"mtp_heads": jax.tree.map(lambda x: jnp.stack([x] * j), one())} if j > 0 else {}
+    return {f"mtp_{i}": one() for i in range(1, j + 1)}
 
 
 @register("mtp", "linear")
