@@ -100,7 +100,7 @@ def check_tree(model, branching: Sequence[int], temperature: float = 0.0) -> Non
   if not cfg.mtp.can_draft or cfg.mtp.chains:
     raise ValueError(f"tree decoding drafts every depth from one state with parallel heads; "
                      f"model.mtp={cfg.mtp.kind!r} heads do not")
-  if not getattr(cfg.attention, "tree_decoding", False):
+  if not cfg.attention.tree_decoding:
     raise ValueError(f"model.attention={cfg.attention.kind!r} does not decode candidate trees")
   windowed = [s.layer for s in cfg.kv_plan if s.window]
   if windowed:
@@ -115,9 +115,8 @@ def tree_generate(model, params, prompts: Sequence[Sequence[int]] | np.ndarray,
   """Greedy self-speculative decoding with tree verification; `tree` is the branching per depth
   (e.g. (3, 2, 1): 3 candidates from head 2, 2 from head 3 below each, 1 from head 4). Output is
   `generate`'s; acceptance_per_position is per depth."""
-  branching = tuple(int(b) if isinstance(b, (int, np.integer)) and not isinstance(b, bool) else b
-                    for b in tree)
-  check_tree(model, branching, temperature)
+  check_tree(model, tuple(tree), temperature)
+  branching = tuple(int(b) for b in tree)
   check_settings(model, max_new_tokens, 0.0, 0, 1.0)
   nodes = build_tree(branching).size
   longest = max((len(p) for p in prompts), default=0)

@@ -102,6 +102,8 @@ def test_stacked_head_layer_equals_the_heads_in_sequence():
     ({}, dict(tree=(2,), temperature=0.5), "tree decoding is greedy only"),
     ({"mtp": "sequential"}, dict(tree=(2,)), "'sequential' heads do not"),
     ({"attention.window": 4}, dict(tree=(2,)), "sliding window"),
+    ({"attention": "lckv", "attention.warmup": 0}, dict(tree=(2,)),
+     "'lckv' does not decode candidate trees"),
 ])
 def test_bad_trees_are_refused(fields, kwargs, message):
   model = Transformer(override(CFG, fields))

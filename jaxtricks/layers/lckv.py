@@ -18,7 +18,7 @@ sequential computation, reading only the producers' caches.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,7 @@ class LCKVAttention(AttentionConfig):
   warmup: int = 2
   iterations: int = 7         # m (the paper's default)
   grad_iterations: int = 2    # b
+  tree_decoding: ClassVar[bool] = False  # a tree's chunk iterates: not exact beyond m nodes
 
   def kv_source(self, depth: int) -> tuple[int, ...]:
     if self.kv_layout:

@@ -119,7 +119,6 @@ def stacked_heads(heads: list[nn.Module], z_BxTxD: jnp.ndarray, positions_BxT: j
   own cache."""
   params_J = jax.tree.map(lambda *p: jnp.stack(p), *[h.variables["params"] for h in heads])
   block = heads[0].clone(parent=None)
-
   shared = {name: x for name, x in entry.items() if name not in ("k", "v")}
 
   def one(params, kv):
