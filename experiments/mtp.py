@@ -4,21 +4,28 @@ trained with the memory-efficient loss, then used as their own drafter (self-spe
     python launch.py --exp=mtp                   # default preset: n=4 on Python source, ~3 min
     python launch.py --exp=mtp --preset=smoke    # under a minute
     python launch.py --exp=mtp --preset=compare  # n=1 against n=4 at equal compute
+    python launch.py --exp=mtp --preset=heads    # next-token only against every head kind
+                                                 # (n=4) at equal blocks, steps and tokens
     python launch.py --exp=mtp --preset=deep     # 12 layers, d 384: about 30 min on 2 cores,
                                                  # large enough for batch-1 decoding to be
                                                  # memory-bound, where drafting pays on a CPU
     python launch.py --exp=mtp --preset=induction | --preset=polynomial   # synthetic tasks
 
 Trains on the embedded corpus (byte level), then measures on held-out files: each head's loss
-and accuracy; greedy self-speculative decoding with all heads against plain greedy decoding with
-the same cache and prompts (tokens per forward pass, acceptance per draft position, wall-clock
-speedup, whether the outputs are identical); XLA's temporary memory of the naive and the
-memory-efficient loss; a sample of generated code. The paper's 7B code model reaches 3.50 tokens
-per forward with 4 heads; a few CPU minutes of training give less (README has the measured value).
+and accuracy; greedy self-speculative decoding with all heads, as a chain and (where the heads
+draft in parallel) with tree verification of `tree`, against plain greedy decoding with the same
+cache and prompts, for the batch of `spec_prompts` prompts and each prompt alone (tokens per
+forward pass, acceptance per draft position, pass cost in greedy tokens, wall-clock speedup,
+whether the outputs are identical, the fastest lossless decoding, and why a decoding is slower
+than greedy when it is); XLA's temporary memory of the naive and the memory-efficient loss; a
+sample of generated code. The paper's 7B code model reaches 3.50 tokens per forward with 4
+heads; a few CPU minutes of training give less (README has the measured value).
 
 summary.json: heads, val_loss_per_head, val_acc_per_head, spec {tokens_per_forward,
-acceptance_per_position, speedup_vs_greedy, identical_to_greedy}, mem {loss_temp_bytes_naive,
-loss_temp_bytes_efficient}, sample, and with `compare_heads` a `runs` table; head_losses.png.
+acceptance_per_position, speedup_vs_greedy, pass_cost, identical_to_greedy (the chain at the
+larger batch), batch1 (the chain, each prompt alone), methods {batch, batch1} (every decoding),
+best {batch, batch1}}, mem {loss_temp_bytes_naive, loss_temp_bytes_efficient}, sample, and with
+`compare_heads` or `compare_kinds` a `runs` table; head_losses.png.
 """
 
 from __future__ import annotations
@@ -36,26 +43,30 @@ from jaxtricks.config import Config, flatten, to_dict
 from jaxtricks.data.corpus import DataConfig
 from jaxtricks.data.sources import held_out_prompts
 from jaxtricks.decode import generate, speculative_generate
+from jaxtricks.decode_tree import check_tree, tree_generate
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.layers.mtp import TransformerHeads
 from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.ops.mtp import loss_temp_bytes
+from jaxtricks.registry import kinds
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.loop import RunResult, train
 
-PRESETS = ("smoke", "default", "deep", "compare", "induction", "polynomial", "full")
+PRESETS = ("smoke", "default", "deep", "compare", "heads", "induction", "polynomial", "full")
 
 
 @dataclasses.dataclass(frozen=True)
 class MtpConfig(Config):
   compare_heads: tuple[int, ...] = ()  # e.g. (1, 4): one run per n, compute-matched if set
+  compare_kinds: tuple[str, ...] = ()  # e.g. ("next_token", "linear"): one run per mtp kind
   spec_prompts: int = 8                # held-out prompts for the decoding measurements
   spec_prompt_len: int = 64
   spec_new_tokens: int = 128
   sample_new_tokens: int = 160
   task_examples: int = 64              # polynomial: held-out expressions decoded per setting
   task_ood_ops: tuple[int, ...] = (6, 7)  # polynomial: out-of-distribution operation counts
+  tree: tuple[int, ...] = (3, 2, 1)    # tree verification's branching per depth (): chain only
 
 
 def get_config(preset: str) -> MtpConfig:
@@ -83,13 +94,19 @@ def get_config(preset: str) -> MtpConfig:
                           mtp=TransformerHeads(heads=4, compute_matched=True)),
         train=dataclasses.replace(train_cfg, steps=300, ckpt_every=0), compare_heads=(1, 4),
         spec_new_tokens=64)
+  if preset == "heads":  # every head family, 6 blocks each, equal steps and tokens
+    return MtpConfig(
+        model=ModelConfig(d_model=128, n_layers=6, attention=heads(4), **mtp),
+        train=dataclasses.replace(train_cfg, steps=300, ckpt_every=0),
+        compare_kinds=("next_token", "transformer", "linear", "medusa", "sequential"),
+        spec_new_tokens=64)
   if preset in ("induction", "polynomial"):
     return MtpConfig(
         model=ModelConfig(d_model=96, n_layers=3, attention=heads(4),
                           mtp=TransformerHeads(heads=2)),
         train=dataclasses.replace(train_cfg, steps=300, ckpt_every=0, batch_size=32),
         data=DataConfig(task=preset), compare_heads=(1, 2), spec_prompt_len=96,
-        spec_new_tokens=32)
+        spec_new_tokens=32, tree=(3,))
   return MtpConfig(
       model=ModelConfig(d_model=1024, n_layers=16, dtype="bfloat16", attention=heads(8), **mtp),
       train=TrainConfig(steps=20_000, batch_size=64, seq_len=1024, lr=1e-3, warmup_steps=1000,
@@ -112,37 +129,93 @@ def timed(fn, repeats: int = 2):
   return out, best
 
 
-def decoding(result: RunResult, config: MtpConfig) -> dict:
-  """Self-speculative against plain greedy decoding: same prompts, same cache layout; for the
-  batch of `spec_prompts` prompts and, under `batch1`, for each of them decoded alone."""
-  params = jax.device_get(result.state.params)
-  prompts, n_new = _prompts(result, config), config.spec_new_tokens
+def _decoders(model, params, config: MtpConfig) -> tuple[dict, str]:
+  """The lossless greedy decodings to measure, by name (a callable of a batch of prompts): the
+  chain with every head and, where the heads can, the tree `config.tree`; and why there is no
+  tree otherwise ("" when there is one)."""
+  n_new = config.spec_new_tokens
+  methods = {"chain": lambda b: speculative_generate(model, params, b, n_new)}
+  if not config.tree:
+    return methods, "no tree configured (tree=())"
+  try:
+    check_tree(model, config.tree)
+  except ValueError as e:
+    return methods, str(e)
+  methods[tree_name(config.tree)] = lambda b: tree_generate(model, params, b, n_new,
+                                                            tree=config.tree)
+  return methods, ""
 
-  def measure(batches: list[list]) -> dict:
-    """Plain against speculative greedy decoding of each batch in turn; totals over them."""
-    plain = [timed(lambda b=b: generate(result.model, params, b, n_new)) for b in batches]
-    spec = [timed(lambda b=b: speculative_generate(result.model, params, b, n_new))
-            for b in batches]
-    t_plain, t_spec = sum(t for _, t in plain), sum(t for _, t in spec)
-    tokens = sum(float(g.lengths.sum()) for g, _ in spec)
-    passes = sum(float(g.lengths.sum()) / g.tokens_per_forward for g, _ in spec)
-    out = {
-        "tokens_per_forward": tokens / passes,
-        "speedup_vs_greedy": t_plain / t_spec,
-        "greedy_tokens_per_s": sum(float(g.lengths.sum()) for g, _ in plain) / t_plain,
-        "speculative_tokens_per_s": tokens / t_spec,
-        "identical_to_greedy": all(
-            np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths)
-            for (a, _), (b, _) in zip(plain, spec, strict=True)),
-        "prompts": sum(len(b) for b in batches), "new_tokens": n_new,
-    }
+
+def tree_name(branching: tuple[int, ...]) -> str:
+  return "tree " + "-".join(str(b) for b in branching)
+
+
+def _measure(model, params, batches: list[list], methods: dict, n_new: int) -> dict:
+  """Greedy `generate` against each method on each batch in turn (totals over the batches):
+  tokens per forward, speedup, pass cost (seconds per pass over seconds per greedy token), and
+  whether the output is greedy's, token for token."""
+  plain = [timed(lambda b=b: generate(model, params, b, n_new)) for b in batches]
+  t_plain = sum(t for _, t in plain)
+  greedy_pass_s = t_plain / sum(g.forward_passes for g, _ in plain)
+  out = {"greedy_tokens_per_s": sum(float(g.lengths.sum()) for g, _ in plain) / t_plain,
+         "prompts": sum(len(b) for b in batches), "new_tokens": n_new, "methods": {}}
+  for name, fn in methods.items():
+    runs = [timed(lambda b=b, fn=fn: fn(b)) for b in batches]
+    t = sum(s for _, s in runs)
+    tokens = sum(float(g.lengths.sum()) for g, _ in runs)
+    passes = sum(float(g.lengths.sum()) / g.tokens_per_forward for g, _ in runs)
+    row = {"tokens_per_forward": tokens / passes, "speedup_vs_greedy": t_plain / t,
+           "tokens_per_s": tokens / t,
+           "pass_cost": t / sum(g.forward_passes for g, _ in runs) / greedy_pass_s,
+           "identical_to_greedy": all(
+               np.array_equal(a.tokens, b.tokens) and np.array_equal(a.lengths, b.lengths)
+               for (a, _), (b, _) in zip(plain, runs, strict=True))}
     if len(batches) == 1:
-      out["acceptance_per_position"] = list(spec[0][0].acceptance_per_position)
-    return out
+      row["acceptance_per_position"] = list(runs[0][0].acceptance_per_position)
+    out["methods"][name] = row
+  return out
 
-  out = {"heads_used": result.model.config.mtp.heads, **measure([prompts])}
-  out["batch1"] = measure([[p] for p in prompts])  # each prompt alone, in turn
-  out["identical_to_greedy"] = out["identical_to_greedy"] and out["batch1"]["identical_to_greedy"]
+
+def best_decoding(measured: dict) -> dict:
+  """The fastest lossless method of a `_measure` result, or greedy when none is faster; with a
+  plain statement of why a decoding slower than greedy is slower (speedup = tokens per forward /
+  pass cost)."""
+  lossless = {k: r for k, r in measured["methods"].items() if r["identical_to_greedy"]}
+  name = max(lossless, key=lambda k: lossless[k]["speedup_vs_greedy"], default=None)
+  notes = []
+  for k, r in measured["methods"].items():
+    if not r["identical_to_greedy"]:
+      notes.append(f"{k} is not lossless (its output differs from greedy's): not counted")
+    elif r["speedup_vs_greedy"] < 1:
+      notes.append(f"{k} is slower than greedy ({r['speedup_vs_greedy']:.2f}x): a pass costs "
+                   f"{r['pass_cost']:.2f} greedy tokens and yields {r['tokens_per_forward']:.2f}")
+  if name is None or lossless[name]["speedup_vs_greedy"] < 1:
+    return {"method": "greedy", "speedup_vs_greedy": 1.0, "notes": notes}
+  return {"method": name, "speedup_vs_greedy": lossless[name]["speedup_vs_greedy"],
+          "tokens_per_forward": lossless[name]["tokens_per_forward"], "notes": notes}
+
+
+def decoding(result: RunResult, config: MtpConfig) -> dict:
+  """Self-speculative (chain, and tree where the heads can) against plain greedy decoding: same
+  prompts, same cache layout; for the batch of `spec_prompts` prompts and, under `batch1`, for
+  each of them decoded alone. The top level keeps the chain's figures at the larger batch."""
+  model, params = result.model, jax.device_get(result.state.params)
+  prompts, n_new = _prompts(result, config), config.spec_new_tokens
+  methods, no_tree = _decoders(model, params, config)
+  batched = _measure(model, params, [prompts], methods, n_new)
+  alone = _measure(model, params, [[p] for p in prompts], methods, n_new)
+  chain = batched["methods"]["chain"]
+  out = {"heads_used": model.config.mtp.heads, **chain,
+         "prompts": batched["prompts"], "new_tokens": n_new,
+         "greedy_tokens_per_s": batched["greedy_tokens_per_s"],
+         "batch1": {**alone["methods"]["chain"], "prompts": alone["prompts"],
+                    "greedy_tokens_per_s": alone["greedy_tokens_per_s"]},
+         "methods": {"batch": batched["methods"], "batch1": alone["methods"]},
+         "best": {"batch": best_decoding(batched), "batch1": best_decoding(alone)}}
+  if no_tree:
+    out["tree_unavailable"] = no_tree
+  out["identical_to_greedy"] = all(
+      r["identical_to_greedy"] for m in out["methods"].values() for r in m.values())
   return out
 
 
@@ -208,37 +281,88 @@ def _one_run(config: MtpConfig, workdir: str, exp: str) -> dict:
   return out
 
 
-def run(config: MtpConfig, workdir: str) -> dict:
-  t_start = time.time()
+def variants(config: MtpConfig) -> dict[str, MtpConfig]:
+  """The runs of a comparison: one per `compare_heads` entry (n heads of the configured kind) or
+  per `compare_kinds` entry (that kind with the configured n, `next_token` for n = 1); heads
+  that are blocks remove as many trunk layers (`compute_matched`), so every run has the same
+  blocks; cheap heads (linear, Medusa) keep the whole trunk. Empty when nothing is compared."""
+  if config.compare_heads and config.compare_kinds:
+    raise ConfigError("set compare_heads or compare_kinds, not both")
   if any(not 1 <= h for h in config.compare_heads):
     raise ConfigError(f"compare_heads={config.compare_heads}: every entry must be >= 1")
+  mtp = config.model.mtp
+  with_mtp = lambda m: dataclasses.replace(  # noqa: E731
+      config, model=dataclasses.replace(config.model, mtp=m))
+  if config.compare_heads:
+    return {f"n{n}": with_mtp(dataclasses.replace(mtp, heads=n)) for n in config.compare_heads}
+  known = kinds("mtp")
+  out = {}
+  for kind in config.compare_kinds:
+    if kind == "next_token":
+      out[kind] = with_mtp(TransformerHeads(heads=1))
+    elif kind in known:
+      cls = known[kind]
+      out[kind] = with_mtp(cls(heads=mtp.heads, compute_matched=cls.blocks))
+    else:
+      raise ConfigError(f"compare_kinds: unknown mtp kind {kind!r}; valid: next_token, "
+                        f"{', '.join(known)}")
+  return out
+
+
+def run(config: MtpConfig, workdir: str) -> dict:
+  t_start = time.time()
+  configs = variants(config)
+  for cfg in configs.values():  # refuse a bad config before any training
+    cfg.validate()
   os.makedirs(workdir, exist_ok=True)
-  if not config.compare_heads:
+  if not configs:
     summary = {"exp": "mtp", **_one_run(config, workdir, "mtp")}
   else:
-    configs = {f"n{n}": dataclasses.replace(
-        config, model=dataclasses.replace(config.model,
-                                          mtp=dataclasses.replace(config.model.mtp, heads=n)))
-        for n in config.compare_heads}
-    for cfg in configs.values():  # refuse a bad config before any training
-      cfg.validate()
-
     def one(name: str, directory: str) -> dict:
       cfg = configs[name]
-      row = {"heads": cfg.model.mtp.heads, "depth": cfg.model.depth,
+      mtp = cfg.model.mtp
+      row = {"variant": name, "kind": mtp.kind, "heads": mtp.heads, "depth": cfg.model.depth,
+             "blocks": cfg.model.depth + (mtp.heads - 1 if mtp.blocks else 0),
              **_one_run(cfg, directory, f"mtp/{name}")}
       mlog.log_progress(f"{name}: " + _row_text(row))
       return row
 
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="mtp"))
-    runs = run_variants(workdir, list(configs),
-                        lambda name: variant_key(configs[name], ignore=("compare_heads",)), one,
-                        subdir="runs")
+    runs = run_variants(workdir, list(configs), lambda name: variant_key(
+        configs[name], ignore=("compare_heads", "compare_kinds")), one, subdir="runs")
     summary = {"exp": "mtp", "runs": runs, **runs[-1]}
+    if config.compare_kinds:
+      for line in _kinds_table(runs):
+        mlog.log_progress(line)
   summary.update(steps=config.train.steps, wall_s=time.time() - t_start, config=flatten(config))
   mlog.log_progress(_row_text(summary))
+  for line in _slower_text(summary):
+    mlog.log_progress(line)
   mlog.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
+
+
+def _kinds_table(runs: list[dict]) -> list[str]:
+  """The `compare_kinds` table: per run its blocks, next-token loss, per-head accuracy, chain and
+  tree tokens per forward, pass costs and speedups at batch B and 1 (chain / tree)."""
+  lines = [f"{'variant':<12} {'blocks':>6} {'params':>8} {'val loss':>8}  "
+           f"{'acc/head':<24} {'tok/fwd chain tree':>19} {'pass cost B':>12} "
+           f"{'pass cost 1':>12} {'speedup B':>10} {'speedup 1':>10}"]
+  for r in runs:
+    methods = r.get("spec", {}).get("methods", {})
+
+    def cols(batch, key, fmt, methods=methods, r=r):
+      got = [m[key] for m in methods.get(batch, {}).values()] if r["heads"] > 1 else []
+      return " ".join(fmt.format(x) for x in got) or "-"
+    lines.append(
+        f"{r['variant']:<12} {r['blocks']:>6} {r['params'] / 1e6:>7.2f}M "
+        f"{r['val_loss_per_head'][0]:>8.3f}  "
+        f"{' '.join(f'{a:.3f}' for a in r['val_acc_per_head']):<24} "
+        f"{cols('batch', 'tokens_per_forward', '{:.2f}'):>19} "
+        f"{cols('batch', 'pass_cost', '{:.2f}'):>12} {cols('batch1', 'pass_cost', '{:.2f}'):>12} "
+        f"{cols('batch', 'speedup_vs_greedy', '{:.2f}'):>10} "
+        f"{cols('batch1', 'speedup_vs_greedy', '{:.2f}'):>10}")
+  return lines
 
 
 def _row_text(r: dict) -> str:
@@ -249,14 +373,34 @@ def _row_text(r: dict) -> str:
     parts += [f"{k} {v:.3f}" for k, v in r["task"].items() if isinstance(v, float)]
   if "spec" in r:
     s = r["spec"]
-    parts += [f"tokens/forward {s['tokens_per_forward']:.2f}",
-              f"speedup {s['speedup_vs_greedy']:.2f}x (batch {s['prompts']}), "
-              f"{s['batch1']['speedup_vs_greedy']:.2f}x (batch 1)",
-              f"identical {s['identical_to_greedy']}"]
+    for batch, label in (("batch", f"batch {s['prompts']}"), ("batch1", "batch 1")):
+      methods = s["methods"][batch]
+      parts.append(f"{label}: " + ", ".join(
+          f"{k} {m['tokens_per_forward']:.2f} tok/fwd {m['speedup_vs_greedy']:.2f}x"
+          for k, m in methods.items()) + f"; best {_best_text(s['best'][batch])}")
+    parts.append(f"identical {s['identical_to_greedy']}")
   mem = r["mem"]
   parts.append(f"loss temp MiB naive {mem['loss_temp_bytes_naive'] / 2**20:.1f} "
                f"efficient {mem['loss_temp_bytes_efficient'] / 2**20:.1f}")
   return " | ".join(parts)
+
+
+def _best_text(best: dict) -> str:
+  if best["method"] == "greedy":
+    return "greedy (no lossless speculative decoding is faster here)"
+  return f"{best['method']} {best['speedup_vs_greedy']:.2f}x"
+
+
+def _slower_text(r: dict) -> list[str]:
+  """The plain statements of the printed summary: which decodings are slower than greedy, why."""
+  spec = r.get("spec")
+  if not spec:
+    return []
+  lines = [f"batch {spec['prompts'] if batch == 'batch' else 1}: {note}"
+           for batch in ("batch", "batch1") for note in spec["best"][batch]["notes"]]
+  if spec.get("tree_unavailable"):
+    lines.append(f"no tree decoding: {spec['tree_unavailable']}")
+  return lines
 
 
 def _plot(workdir: str, n: int) -> list[str]:

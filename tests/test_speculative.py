@@ -41,7 +41,10 @@ def _perturbed(params, seed):
                                    for x, k in zip(leaves, keys, strict=True)])
 
 
-@pytest.mark.parametrize("kind", ["transformer", "linear", "medusa", "sequential"])
+@pytest.mark.parametrize("kind", [  # the slow tier: the kinds the tree tests also decode
+    "transformer", pytest.param("linear", marks=pytest.mark.slow),
+    pytest.param("medusa", marks=pytest.mark.slow),
+    pytest.param("sequential", marks=pytest.mark.slow)])
 def test_greedy_speculative_equals_greedy_on_random_models(kind):
   model = Transformer(override(CFG, {"mtp": kind, "mtp.heads": 4}))
   init = jax.jit(model.init)  # one compilation for the four draws (eager init is slow)

@@ -84,6 +84,7 @@ class MultiTokenHeads(Component):
   loss_lambda: float = 0.0
   can_draft: ClassVar[bool] = True   # heads 2..n draft for self-speculative decoding
   chains: ClassVar[bool] = False     # drafts one module at a time (`step`), not in parallel
+  blocks: ClassVar[bool] = False     # each head is a transformer block (costs a trunk layer)
 
   def layers_removed(self, model: Any) -> int:
     return self.heads - 1 if self.compute_matched else 0
@@ -132,6 +133,7 @@ def stacked_heads(heads: list[nn.Module], z_BxTxD: jnp.ndarray, positions_BxT: j
 @register("mtp", "transformer")
 @dataclasses.dataclass(frozen=True)
 class TransformerHeads(MultiTokenHeads):
+  blocks: ClassVar[bool] = True
   stacked_decode: bool = False  # decode the heads as one vmapped layer (benchmarks/mtp.py)
 
   def build(self, model, block):
@@ -182,6 +184,7 @@ class SequentialHeads(MultiTokenHeads):
   not yet known keep the inputs of their verification block: they only change the drafts,
   never the output, which the next-token head verifies."""
   chains: ClassVar[bool] = True
+  blocks: ClassVar[bool] = True
 
   def build(self, model, block):
     return [SequentialModule(model, block, name=f"mtp_{i}") for i in range(1, self.heads)]

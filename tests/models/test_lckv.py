@@ -98,6 +98,7 @@ def test_explicit_layout_reading_a_later_layer(lckv):
                               sequential(params, tokens, kv_layout=layout), atol=1e-5)
 
 
+@pytest.mark.slow  # the slow tier: a gradient through every iteration
 def test_gradients_flow_through_the_last_iterations_only(lckv):
   params, tokens = lckv
 
