@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-SLOTS = ("embed", "attention", "mlp", "head", "mtp", "projection")
+SLOTS = ("embed", "attention", "mlp", "head", "mtp", "projection", "norm")
 KINDS: dict[str, dict[str, type]] = {slot: {} for slot in SLOTS}
 
 
@@ -48,6 +48,12 @@ class Component:
     folded into plain weights); a component without any returns itself and `params`."""
     del model
     return self, params
+
+  def merged_with(self, model: Any, params: dict, collections: dict) -> tuple[Component, dict]:
+    """`merged` for a component that also folds variable collections besides `params` (the
+    running statistics of a BatchNorm) into plain weights."""
+    del collections
+    return self.merged(model, params)
 
   def adopt(self, model: Any, params: dict) -> dict:
     """Pretrained parameters of the base model made into this component's (after its own

@@ -3,7 +3,7 @@
     ModelConfig(d_model=128, n_layers=4,
                 attention=AttentionConfig(n_heads=4, n_kv_heads=1, kv_sharing=2),
                 mlp=KANMLPConfig(grid=5), mtp=TransformerHeads(heads=4),
-                projection=SlopeProjection(n=2, m=4))
+                projection=SlopeProjection(n=2, m=4), norm=RMSNormConfig())
 
 On the command line a slot takes a kind and its fields take values: `--model.mlp=kan
 --model.mlp.grid=5`, `--model.mtp.heads=4`, `--model.projection=slope`.
@@ -20,6 +20,7 @@ from jaxtricks.layers.embed import LinearHeadConfig, TokenEmbedConfig
 from jaxtricks.layers.linear import DenseProjection
 from jaxtricks.layers.mlp import SwiGLUConfig
 from jaxtricks.layers.mtp import TransformerHeads
+from jaxtricks.layers.norm import RMSNormConfig
 from jaxtricks.registry import SLOTS, Component
 
 
@@ -39,6 +40,7 @@ class ModelConfig:
   head: Component = LinearHeadConfig()
   mtp: Component = TransformerHeads()   # heads = 1: an ordinary next-token LM
   projection: Component = DenseProjection()
+  norm: Component = RMSNormConfig()    # every norm site: before attention and MLP, K/V, final
 
   def components(self) -> tuple[Component, ...]:
     return tuple(getattr(self, slot) for slot in SLOTS)

@@ -1,13 +1,13 @@
-"""Decoder-only Transformer LM: embedding, pre-norm blocks (RMSNorm, self-attention, MLP), final
-RMSNorm and an untied unembedding (Vaswani et al. 2017, arXiv 1706.03762; LLaMA-style choices of
+"""Decoder-only Transformer LM: embedding, pre-norm blocks (norm, self-attention, MLP), final
+norm and an untied unembedding (Vaswani et al. 2017, arXiv 1706.03762; LLaMA-style choices of
 Touvron et al. 2023, arXiv 2302.13971).
 
 Every part is the component of its slot in `ModelConfig` (jaxtricks.models.config): the
 embedding, the attention (which also gives the K/V layout, `kv_plan`: layer i attends with the
 K/V of layer `kv_source[i]`, only producing layers have K/V projections and a KV cache, and the
 attention component runs the blocks in the order its layout needs), the MLP, the output head,
-the multi-token heads and the kind of every linear projection. This file builds them through
-their configs and never names a kind.
+the multi-token heads, the kind of every linear projection and the norm of every norm site
+(RMSNorm by default). This file builds them through their configs and never names a kind.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtricks.layers.mtp import Trunk
-from jaxtricks.layers.norm import RMSNorm
 from jaxtricks.models.config import ModelConfig
 from jaxtricks.ops.kv_layout import LayerKV
 
@@ -34,15 +33,17 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, shared_kv=None, cache=None, train: bool = False):
     cfg = self.config
-    norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-    hq = RMSNorm(name="attn_norm", **norm)(x_BxTxD)
+    hq = cfg.norm.build(cfg, name="attn_norm")(x_BxTxD, train=train)
     spec = LayerKV(self.layer, self.layer) if self.own_kv else cfg.kv_plan[self.layer]
     cla = cfg.cross_layer and not self.own_kv
-    hkv = RMSNorm(name="kv_norm", **norm)(x_BxTxD) if spec.produces and cla else hq
+    if spec.produces and cla:
+      hkv = cfg.norm.build(cfg, name="kv_norm")(x_BxTxD, train=train)
+    else:
+      hkv = hq
     attn = cfg.attention.build(cfg, spec, cfg.projection.factory(cfg, self.layer, "attn"))
     out_BxTxD, kv, cache = attn(hq, hkv, positions_BxT, shared_kv, cache, train=train)
     x_BxTxD = x_BxTxD + out_BxTxD
-    h = RMSNorm(name="mlp_norm", **norm)(x_BxTxD)
+    h = cfg.norm.build(cfg, name="mlp_norm")(x_BxTxD, train=train)
     mlp = cfg.mlp.build(cfg, cfg.projection.factory(cfg, self.layer, "mlp"))
     return x_BxTxD + mlp(h, train=train), kv, cache
 
@@ -64,7 +65,7 @@ class Transformer(nn.Module):
     self.embed = cfg.embed.build(cfg)
     block = nn.remat(Block) if cfg.remat else Block
     self.blocks = [block(cfg, i, name=f"block_{i}") for i in range(cfg.depth)]
-    self.final_norm = RMSNorm(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    self.final_norm = cfg.norm.build(cfg)
     self.head = cfg.head.build(cfg)
     self.mtp = cfg.mtp.build(cfg, block)
 
@@ -91,7 +92,8 @@ class Transformer(nn.Module):
   def hidden(self, tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray | None = None,
              train: bool = False) -> jnp.ndarray:
     """Final-normed hidden states (B, T, D)."""
-    return self.final_norm(self._trunk(tokens_BxT, positions_BxT, None, train)[0].x_BxTxD)
+    return self.final_norm(self._trunk(tokens_BxT, positions_BxT, None, train)[0].x_BxTxD,
+                           train=train)
 
   def heads_hidden(self, tokens_BxT: jnp.ndarray, positions_BxT: jnp.ndarray | None = None,
                    n_heads: int | None = None, train: bool = False) -> jnp.ndarray:

@@ -33,7 +33,7 @@ class Built:
   abstract_state: Any            # unboxed ShapeDtypeStructs of the TrainState
   shardings: Any                 # NamedShardings of the TrainState
   train_step: Callable           # jitted (state, batch) -> (state, metrics), state donated
-  eval_step: Callable            # jitted (params, batch) -> metrics
+  eval_step: Callable            # jitted (params, batch, collections=None) -> metrics
 
   def init_state(self, seed: int | None = None, loaded: dict | None = None) -> TrainState:
     """A fresh state, initialised directly into its sharded layout; the parameters in `loaded`

@@ -155,8 +155,9 @@ def check_resumable(workdir: str, config: Config) -> None:
                       "another --workdir or delete it")
 
 
-def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
-  return step_lib.mean_metrics([eval_step(params, b) for b in batches])
+def evaluate(eval_step, state, batches: list[dict]) -> dict[str, float]:
+  params, collections = state.model_params(), state.model_collections()
+  return step_lib.mean_metrics([eval_step(params, b, collections) for b in batches])
 
 
 def train(config: Config, workdir: str, exp: str = "lm") -> RunResult:
@@ -272,7 +273,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
       if preempted:
         break
       if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-        val_metrics = evaluate(eval_step, state.model_params(), val)
+        val_metrics = evaluate(eval_step, state, val)
         writer.write(dict(step=done, **{f"val_{k}": v for k, v in val_metrics.items()}))
     if pending is not None:
       handle(*pending)
@@ -284,7 +285,7 @@ def _train(config: Config, workdir: str, exp: str, watch: _PreemptionWatch) -> R
     raise Preempted(last_good, ckpt.directory)
   t_end = time.time()
 
-  final = evaluate(eval_step, state.model_params(), val)
+  final = evaluate(eval_step, state, val)
   if start < tc.steps:  # a rerun of a finished run has logged its final evaluation already
     writer.write(dict(step=tc.steps, **{f"val_{k}": v for k, v in final.items()}))
   if not recent:  # resumed a finished run: take the last train loss from its log

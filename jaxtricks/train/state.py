@@ -1,5 +1,9 @@
 """The train state (step, params, optimizer state, PRNG key) and its sharded initialisation.
 
+Variable collections other than `params` that the model creates (BatchNorm statistics:
+jaxtricks.train.collections) are held in `collections` by the state classes that have them
+(`CollectionsState`, `FrozenCollectionsState`); `model_collections()` is {} otherwise.
+
 A parameter that no component trains (`ModelConfig.trains`: e.g. the base weights under a LoRA
 adapter) is held apart in `FrozenBaseState.frozen`: the optimizer never sees it (no moments, no
 update, no gradient computed) and `params` holds only what trains. `model_params()` is the whole
@@ -31,6 +35,14 @@ class TrainState:
     """Every parameter of the model (what `model.apply` takes)."""
     return self.params
 
+  def model_collections(self) -> dict:
+    """The model's variable collections besides `params` ({} for most models)."""
+    return {}
+
+  def with_collections(self, collections: dict) -> TrainState:
+    del collections
+    return self
+
 
 @flax.struct.dataclass
 class FrozenBaseState(TrainState):
@@ -39,6 +51,30 @@ class FrozenBaseState(TrainState):
 
   def model_params(self) -> Any:
     return merge_trees(self.params, self.frozen)
+
+
+@flax.struct.dataclass
+class CollectionsState(TrainState):
+  """A state whose model keeps variable collections besides `params`."""
+  collections: Any
+
+  def model_collections(self) -> dict:
+    return self.collections
+
+  def with_collections(self, collections: dict) -> TrainState:
+    return self.replace(collections=collections)
+
+
+@flax.struct.dataclass
+class FrozenCollectionsState(FrozenBaseState):
+  """Frozen parameters and variable collections."""
+  collections: Any
+
+  def model_collections(self) -> dict:
+    return self.collections
+
+  def with_collections(self, collections: dict) -> TrainState:
+    return self.replace(collections=collections)
 
 
 def split_trainable(model_config: Any, params: dict) -> tuple[dict, dict]:
@@ -59,12 +95,16 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   def init(rng: jnp.ndarray, loaded: dict | None = None) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(init_rng, tokens)["params"]  # boxed with logical axis names
+    variables = dict(model.init(init_rng, tokens))  # boxed with logical axis names
+    params = variables.pop("params")
     if loaded:
       params = _overwrite(params, loaded)
     params, frozen = split_trainable(model.config, params)
     parts = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                  rng=state_rng)
+    if variables:
+      parts["collections"] = variables
+      return FrozenCollectionsState(**parts, frozen=frozen) if frozen else CollectionsState(**parts)
     return FrozenBaseState(**parts, frozen=frozen) if frozen else TrainState(**parts)
   return init
 
