@@ -16,6 +16,7 @@ import jaxtricks.layers.mtp  # noqa: F401  mtp: transformer, linear, sequential
 import jaxtricks.layers.neftune  # noqa: F401  embed: neftune
 import jaxtricks.layers.nm_projection  # noqa: F401  projection: slope, srste
 import jaxtricks.layers.norm  # noqa: F401  norm: rms
+import jaxtricks.layers.prepbn  # noqa: F401  norm: prepbn, affine (SLAB)
 import jaxtricks.layers.spafit  # noqa: F401  projection: spafit, bitfit
 import jaxtricks.layers.spp  # noqa: F401  projection: spp
 import jaxtricks.train.exact_match  # noqa: F401  train.loss: lm_exact

@@ -118,10 +118,12 @@ def step_case(exp: str, overrides: dict, mesh_overrides: dict) -> dict:
   for built in (one, many):
     state = built.init_state()
     state, metrics = built.train_step(state, jax.device_put(batch, built.batch_sharding))
-    results.append((jax.device_get(metrics), jax.device_get(state.params)))
-  (m1, p1), (m2, p2) = results
+    results.append((jax.device_get(metrics), jax.device_get(state.params),
+                    jax.device_get(state.model_collections())))
+  (m1, p1, c1), (m2, p2, c2) = results
   return {"mesh": dict(many.mesh.shape), "metrics": {k: abs(float(m1[k] - m2[k])) for k in m1},
-          "loss": float(m1["loss"]), "params": max_diff(p1, p2)}
+          "loss": float(m1["loss"]), "params": max_diff(p1, p2),
+          "collections": max_diff(c1, c2) if c1 else None}
 
 
 def main() -> None:
@@ -142,6 +144,9 @@ def main() -> None:
                                                   "model.attention.window": 8,
                                                   "model.attention.window_layers": (0, 1)},
                                            {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
+      "prepbn_data2_fsdp2_tensor2": step_case("lm", {"model.norm": "prepbn"},
+                                              {"mesh.data": 2, "mesh.fsdp": 2,
+                                               "mesh.tensor": 2}),
   }
   print(json.dumps(report))
 

@@ -214,7 +214,7 @@ def random_params(model, tokens, seed: int = 0) -> dict:
       x = 1.0 + 0.2 * rng.standard_normal(leaf.shape)
     elif name == "embedding":
       x = rng.standard_normal(leaf.shape)
-    elif len(leaf.shape) == 1:  # a bias or other vector of an adapter
+    elif len(leaf.shape) <= 1:  # a bias, a scalar gain or other vector of an adapter
       x = 0.1 * rng.standard_normal(leaf.shape)
     else:  # a Linear kernel; the output projection `o` contracts two axes (heads, head_dim)
       fan_in = leaf.shape[0] * (leaf.shape[1] if path[-2].key == "o" else 1)

@@ -51,6 +51,7 @@ def test_ring_attention_equals_unsharded_attention(report):
     ("mtp_ring_context2_tensor2", {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}),
     ("lckv_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
     ("yoco_like_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
+    ("prepbn_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
 ])
 def test_train_step_on_a_split_mesh_equals_one_device(report, name, mesh):
   case = report[name]
@@ -59,6 +60,8 @@ def test_train_step_on_a_split_mesh_equals_one_device(report, name, mesh):
   for key, diff in case["metrics"].items():
     assert diff <= TOL * max(1.0, case["loss"]), (key, diff)
   assert case["params"] <= TOL
+  if name.startswith("prepbn"):  # BatchNorm statistics over the whole (data-split) batch
+    assert case["collections"] is not None and case["collections"] <= TOL
 
 
 @pytest.mark.parametrize("overrides,devices,message", [

@@ -5,6 +5,7 @@ untouched."""
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,14 @@ import numpy as np
 from jaxtricks import sharding
 from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.layers.norm import RMSNorm, RMSNormConfig
+from jaxtricks.layers.prepbn import STATS, PRepBNConfig
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.train import step as step_lib
 from jaxtricks.train.collections import bind_collections, updated_collections
 from jaxtricks.train.config import TrainConfig
 from jaxtricks.train.losses import LOSSES
 from jaxtricks.train.optimizer import lr_schedule, make_optimizer
-from jaxtricks.train.state import TrainState, init_state, state_shardings
+from jaxtricks.train.state import CollectionsState, TrainState, init_state, state_shardings
 
 SEQ, BATCH = 8, 2
 TINY = ModelConfig(d_model=16, n_layers=2, attention=AttentionConfig(n_heads=2, kv_sharing=2))
@@ -66,6 +68,33 @@ def stepper(config: ModelConfig, loss_fn, skip_nonfinite: bool = False):
   step = step_lib.jit_train_step(step_lib.make_train_step(model, tx, loss_fn, lr_schedule(train),
                                                           skip_nonfinite), shardings, mesh)
   return model, step, init_state(model, tx, SEQ, 0, shardings)
+
+
+def nan_on_odd_steps(model, params, batch, train, rngs):
+  loss, metrics = LOSSES["lm"](model, params, batch, train, rngs)
+  bad = batch["inputs"][0, 0] % 2 == 1
+  loss = jnp.where(bad, jnp.nan, loss)
+  return loss, {**metrics, "loss": loss}
+
+
+def test_the_train_step_carries_collections_and_keeps_them_on_a_skipped_step():
+  config = dataclasses.replace(TINY, norm=PRepBNConfig(warm=0, steps=4))
+  model, step, state = stepper(config, nan_on_odd_steps, skip_nonfinite=True)
+  assert isinstance(state, CollectionsState)
+  good = batch_of(0)
+  good["inputs"] = good["inputs"].at[0, 0].set(2)
+  bad = {**good, "inputs": good["inputs"].at[0, 0].set(3)}
+  initial = jax.device_get(state)  # the step donates its input state
+  state, metrics = step(state, good)
+  after_good = jax.device_get(state.model_collections())
+  assert int(after_good[STATS]["final_norm"]["count"]) == 1 and metrics["skipped"] == 0
+  # the statistics the step keeps are those of the loss's training forward pass
+  bound = bind_collections(model, initial.model_collections(), update=True)
+  LOSSES["lm"](bound, initial.model_params(), good, True, {})
+  chex.assert_trees_all_close(updated_collections(bound), after_good, atol=1e-6)
+  state, metrics = step(state, bad)
+  assert metrics["skipped"] == 1
+  chex.assert_trees_all_equal(jax.device_get(state.model_collections()), after_good)
 
 
 def test_a_model_without_collections_is_passed_through():
