@@ -1,0 +1,1 @@
+"""Analyses of trained models: layer linearity and linear replacement of blocks."""
