@@ -26,6 +26,9 @@ class Component:
   kind: ClassVar[str] = ""
   # PRNG streams the component's modules draw from in training (Flax `rngs` names).
   rng_streams: ClassVar[tuple[str, ...]] = ()
+  # Flax variable collections besides `params` that the train state carries (updated by the
+  # train step's forward pass: jaxtricks.train.collections); others made at init are dropped.
+  collections: ClassVar[tuple[str, ...]] = ()
 
   def validate(self, model: Any) -> None:
     """Raises ConfigError naming `model.<slot>.<field>` for a bad value; `model` is the whole

@@ -28,7 +28,7 @@ Initialisation: g = 1, b = 0, eta = 0, so that RepBN starts as standardisation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -128,6 +128,7 @@ class PRepBNConfig(Component):
   steps: int = 1000
   r0: float = 1.0
   momentum: float = 0.9
+  collections: ClassVar[tuple[str, ...]] = (STATS,)
 
   def validate(self, model: Any) -> None:
     if not 0.0 <= self.r0 <= 1.0:

@@ -82,6 +82,11 @@ class ModelConfig:
     """PRNG streams the model draws from in training (Flax `rngs` names), in slot order."""
     return tuple(dict.fromkeys(s for c in self.components() for s in c.rng_streams))
 
+  @property
+  def collections(self) -> tuple[str, ...]:
+    """Variable collections besides `params` the train state carries, in slot order."""
+    return tuple(dict.fromkeys(n for c in self.components() for n in c.collections))
+
   def validate(self) -> None:
     for name in ("vocab_size", "d_model", "n_layers"):
       if getattr(self, name) < 1:

@@ -1,13 +1,9 @@
 """The train state (step, params, optimizer state, PRNG key) and its sharded initialisation.
 
-Variable collections other than `params` that the model creates (BatchNorm statistics:
-jaxtricks.train.collections) are held in `collections` by the state classes that have them
-(`CollectionsState`, `FrozenCollectionsState`); `model_collections()` is {} otherwise.
-
-A parameter that no component trains (`ModelConfig.trains`: e.g. the base weights under a LoRA
-adapter) is held apart in `FrozenBaseState.frozen`: the optimizer never sees it (no moments, no
-update, no gradient computed) and `params` holds only what trains. `model_params()` is the whole
-tree the model applies, in either state.
+Variable collections other than `params` that the model's components declare
+(`Component.collections`, e.g. BatchNorm statistics: jaxtricks.train.collections) are held in
+`collections` by the state classes that have them (`CollectionsState`, `FrozenCollectionsState`);
+`model_collections()` is {} otherwise.
 """
 
 from __future__ import annotations
@@ -95,8 +91,9 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
   def init(rng: jnp.ndarray, loaded: dict | None = None) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    variables = dict(model.init(init_rng, tokens))  # boxed with logical axis names
-    params = variables.pop("params")
+    variables = model.init(init_rng, tokens)  # boxed with logical axis names
+    params = variables["params"]
+    variables = {name: variables[name] for name in model.config.collections if name in variables}
     if loaded:
       params = _overwrite(params, loaded)
     params, frozen = split_trainable(model.config, params)
