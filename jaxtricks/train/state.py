@@ -49,28 +49,26 @@ class FrozenBaseState(TrainState):
     return merge_trees(self.params, self.frozen)
 
 
+class _HoldsCollections:
+  """The collection accessors of the states below (their `collections` field)."""
+
+  def model_collections(self) -> dict:
+    return self.collections
+
+  def with_collections(self, collections: dict) -> TrainState:
+    return self.replace(collections=collections)
+
+
 @flax.struct.dataclass
-class CollectionsState(TrainState):
+class CollectionsState(_HoldsCollections, TrainState):
   """A state whose model keeps variable collections besides `params`."""
   collections: Any
 
-  def model_collections(self) -> dict:
-    return self.collections
-
-  def with_collections(self, collections: dict) -> TrainState:
-    return self.replace(collections=collections)
-
 
 @flax.struct.dataclass
-class FrozenCollectionsState(FrozenBaseState):
+class FrozenCollectionsState(_HoldsCollections, FrozenBaseState):
   """Frozen parameters and variable collections."""
   collections: Any
-
-  def model_collections(self) -> dict:
-    return self.collections
-
-  def with_collections(self, collections: dict) -> TrainState:
-    return self.replace(collections=collections)
 
 
 def split_trainable(model_config: Any, params: dict) -> tuple[dict, dict]:
