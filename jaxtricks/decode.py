@@ -54,6 +54,15 @@ def cache_bytes(cache: dict) -> int:
                  for x in jax.tree.leaves(layer)))
 
 
+def decode_state_bytes(config, context: int, batch: int = 1) -> int:
+  """Bytes of the decode cache `init_cache` allocates for `batch` sequences of `context` tokens
+  (every component's entries; nothing is allocated): kv_bytes_per_token * context for full KV
+  caches, a constant for ring buffers and recurrent states."""
+  shapes = jax.eval_shape(lambda: init_cache(config, batch, context))
+  return int(sum(x.size * x.dtype.itemsize for name, layer in shapes.items()
+                 if name not in ("lengths", "limits") for x in jax.tree.leaves(layer)))
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def teacher_forced_logits(model, params, tokens_BxT: jnp.ndarray) -> jnp.ndarray:
   """Logits (B, T, V) of `tokens_BxT` computed one token at a time through the cache: the exact
@@ -360,6 +369,9 @@ def speculative_generate(model, params, prompts: Sequence[Sequence[int]] | np.nd
   k = n if n_heads is None else n_heads
   if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
     raise ValueError(f"n_heads={k!r} must be an int in [1, {n}] (the model's heads)")
+  if k > 1 and not cfg.attention.rewinds:
+    raise ValueError(f"speculative_generate rolls rejected drafts back; model.attention="
+                     f"{cfg.attention.kind!r} keeps a state that cannot be rolled back")
   if not cfg.mtp.can_draft and k > 1:
     raise ValueError(f"speculative_generate drafts with parallel heads; this model's "
                      f"model.mtp={cfg.mtp.kind!r} heads do not draft")

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 
 from jaxtricks.config import override
-from jaxtricks.decode import cache_bytes, filter_logits, generate, init_cache, sample
+from jaxtricks.decode import (
+  cache_bytes,
+  decode_state_bytes,
+  filter_logits,
+  generate,
+  init_cache,
+  sample,
+)
 from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig, Transformer
 from jaxtricks.ops.attention import kv_bytes_per_token
@@ -55,6 +62,17 @@ def test_mqa_cla2_allocates_exactly_half_of_mqa():
   cla2 = cache_bytes(init_cache(variant("MQA", 2), 4, 32))
   assert mqa == 2 * 1 * 8 * 4 * 4 * 4 * 32  # K and V, 1 head, H=8, 4 layers, fp32, B=4, S=32
   assert 2 * cla2 == mqa
+
+
+def test_decode_state_bytes_are_what_init_cache_allocates():
+  """Counted from shapes only; the KV bytes per token times the context for full caches, and a
+  sliding-window layer's ring buffer is the same at every context."""
+  for heads, sharing in [("MQA", 2), ("GQA", 1)]:
+    cfg = variant(heads, sharing)
+    assert decode_state_bytes(cfg, 40, batch=3) == cache_bytes(init_cache(cfg, 3, 40))
+    assert decode_state_bytes(cfg, 40) == 40 * kv_bytes_per_token(cfg)
+  ring = override(BASE, {"attention.window": 8, "attention.window_layers": (0, 1, 2, 3)})
+  assert decode_state_bytes(ring, 1024) == decode_state_bytes(ring, 4096)
 
 
 def test_allocated_cache_of_the_cla_paper_models():

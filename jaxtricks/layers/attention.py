@@ -202,6 +202,9 @@ class AttentionConfig(Component):
   hyper_min_len: int = 4096      # HyperAttention: exact causal attention at or below this length
   hyper_seed: int = 0            # HyperAttention: LSH directions and samples (plus the layer)
   tree_decoding: ClassVar[bool] = True  # decodes a candidate tree in one pass (no window)
+  # A decoding call may continue a row from a shorter length than its cache holds (the rejected
+  # drafts of speculative decoding are overwritten): true of caches indexed by position.
+  rewinds: ClassVar[bool] = True
 
   @property
   def kv_heads(self) -> int:
@@ -218,14 +221,7 @@ class AttentionConfig(Component):
     return kv_plan(self.kv_source(depth), self.window, self.window_layers)
 
   def validate(self, model: Any) -> None:
-    if self.n_heads < 1:
-      raise ConfigError(f"model.attention.n_heads must be >= 1, got {self.n_heads}")
-    if not self.head_dim and model.d_model % self.n_heads:
-      raise ConfigError(f"model.attention.n_heads={self.n_heads} does not divide "
-                        f"model.d_model={model.d_model}")
-    if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
-      raise ConfigError(f"model.attention.n_kv_heads={self.kv_heads} does not divide "
-                        f"model.attention.n_heads={self.n_heads}")
+    self.check_heads(model)
     try:
       plan = self.kv_plan(model.depth)
       check_implementation(self.impl)
@@ -248,6 +244,17 @@ class AttentionConfig(Component):
         raise ConfigError(f"model.attention: HyperAttention in layer {spec.layer} approximates "
                           f"plain causal attention; that layer has a sliding window or reads a "
                           f"later layer")
+
+  def check_heads(self, model: Any) -> None:
+    """n_heads, n_kv_heads and the width agree (every attention kind's first check)."""
+    if self.n_heads < 1:
+      raise ConfigError(f"model.attention.n_heads must be >= 1, got {self.n_heads}")
+    if not self.head_dim and model.d_model % self.n_heads:
+      raise ConfigError(f"model.attention.n_heads={self.n_heads} does not divide "
+                        f"model.d_model={model.d_model}")
+    if self.n_kv_heads < 0 or self.n_heads % self.kv_heads:
+      raise ConfigError(f"model.attention.n_kv_heads={self.kv_heads} does not divide "
+                        f"model.attention.n_heads={self.n_heads}")
 
   def implementation(self, spec: LayerKV) -> str:
     return "hyper" if spec.layer in self.hyper_layers else self.impl

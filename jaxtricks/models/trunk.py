@@ -15,15 +15,14 @@ import jax.numpy as jnp
 
 def cache_entry(cache: dict | None, name: str) -> dict | None:
   """The cache entry `name` of one attention layer with what the decoding call says about the
-  new tokens: `tree` (they are the nodes of a candidate tree, jaxtricks.ops.tree) and, for a
-  ring buffer, `limits` (prefill padding)."""
+  new tokens: `tree` (they are the nodes of a candidate tree, jaxtricks.ops.tree) and `limits`
+  (prefill padding, which ring buffers and recurrent states leave out)."""
   if cache is None:
     return None
   entry = cache[name]
-  if "tree" in cache:
-    entry = {**entry, "tree": cache["tree"]}
-  if "pos" in entry and "limits" in cache:
-    entry = {**entry, "limits": cache["limits"]}
+  for key in ("tree", "limits"):
+    if key in cache:
+      entry = {**entry, key: cache[key]}
   return entry
 
 
