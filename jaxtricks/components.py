@@ -8,6 +8,7 @@ import jaxtricks.layers.embed  # noqa: F401  embed: token; head: linear
 import jaxtricks.layers.kan  # noqa: F401  mlp: kan
 import jaxtricks.layers.lckv  # noqa: F401  attention: lckv (Layer-Condensed KV)
 import jaxtricks.layers.linear  # noqa: F401  projection: dense
+import jaxtricks.layers.linear_attention  # noqa: F401  attention: linear (SLAB, causal)
 import jaxtricks.layers.lora  # noqa: F401  projection: lora
 import jaxtricks.layers.medusa  # noqa: F401  mtp: medusa
 import jaxtricks.layers.mlp  # noqa: F401  mlp: swiglu

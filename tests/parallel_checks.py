@@ -147,6 +147,10 @@ def main() -> None:
       "prepbn_data2_fsdp2_tensor2": step_case("lm", {"model.norm": "prepbn"},
                                               {"mesh.data": 2, "mesh.fsdp": 2,
                                                "mesh.tensor": 2}),
+      "linear_attention_data2_fsdp2_tensor2": step_case(
+          "lm", {"model.attention": "linear", "model.attention.n_kv_heads": 1,
+                 "model.attention.chunk": 16},
+          {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
   }
   print(json.dumps(report))
 

@@ -52,6 +52,7 @@ def test_ring_attention_equals_unsharded_attention(report):
     ("lckv_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
     ("yoco_like_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
     ("prepbn_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
+    ("linear_attention_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
 ])
 def test_train_step_on_a_split_mesh_equals_one_device(report, name, mesh):
   case = report[name]
