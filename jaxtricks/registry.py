@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-SLOTS = ("embed", "attention", "mlp", "head", "mtp", "projection", "norm")
+SLOTS = ("embed", "attention", "mlp", "head", "mtp", "projection", "norm", "regulariser")
 KINDS: dict[str, dict[str, type]] = {slot: {} for slot in SLOTS}
 
 

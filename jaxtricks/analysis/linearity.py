@@ -19,15 +19,12 @@ model itself is not changed (a remat model is run without remat: the same parame
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,13 +32,13 @@ import numpy as np
 from jaxtricks import sharding
 from jaxtricks.config import Config, from_dict
 from jaxtricks.errors import ConfigError
-from jaxtricks.models.transformer import Block, Transformer
+from jaxtricks.models.block_hooks import recorded_blocks, replaced_blocks, without_remat
+from jaxtricks.models.transformer import Transformer
 from jaxtricks.ops.losses import cross_entropy
 from jaxtricks.train import init_from
 from jaxtricks.train.build import build
 
 Maps = dict[int, tuple[np.ndarray, np.ndarray]]
-_BLOCK_NAME = re.compile(r"block_(\d+)$")
 
 
 def _check_enough_tokens(n: int, d: int) -> None:
@@ -80,68 +77,11 @@ def _variables(params: dict) -> dict:
   return params if "params" in params else {"params": params}
 
 
-def _plain(model: Transformer) -> Transformer:
-  """The same model without remat (values recorded inside jax.checkpoint would leak)."""
-  cfg = model.config
-  return Transformer(dataclasses.replace(cfg, remat=False)) if cfg.remat else model
-
-
-def _trunk_layer(context: Any) -> int | None:
-  """The layer of a trunk Block's `__call__` (not a multi-token head's), else None."""
-  module = context.module
-  if context.method_name != "__call__" or not isinstance(module, Block):
-    return None
-  match = _BLOCK_NAME.match(module.name or "")
-  if match is None or not isinstance(module.parent, Transformer):
-    return None
-  return int(match.group(1))
-
-
-def _x_input(args: tuple, kwargs: dict) -> jnp.ndarray:
-  return args[0] if args else kwargs["x_BxTxD"]
-
-
-@contextlib.contextmanager
-def recorded_blocks(record: dict[int, tuple[jnp.ndarray, jnp.ndarray]]) -> Iterator[None]:
-  """Within it, every trunk block call stores (input x, output x) in record[layer] (the last
-  call wins: an iterative layout runs some blocks several times)."""
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    layer = _trunk_layer(context)
-    if layer is not None:
-      record[layer] = (_x_input(args, kwargs), out[0])
-    return out
-  with nn.intercept_methods(interceptor):
-    yield
-
-
-@contextlib.contextmanager
-def replaced_blocks(maps: dict[int, tuple[Any, Any]],
-                    on: Any = None) -> Iterator[None]:
-  """Within it, trunk block i of `maps` outputs x A + b (A, b = maps[i]) in place of its
-  residual stream; its K/V and cache are the original block's. `on` (optional, indexed by layer,
-  traced or not) switches each replacement on or off without retracing."""
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    layer = _trunk_layer(context)
-    if layer is None or layer not in maps:
-      return out
-    a_DxD, b_D = maps[layer]
-    x_BxTxD = _x_input(args, kwargs)
-    lin_BxTxD = (x_BxTxD.astype(jnp.float32) @ jnp.asarray(a_DxD, jnp.float32)
-                 + jnp.asarray(b_D, jnp.float32)).astype(out[0].dtype)
-    if on is not None:
-      lin_BxTxD = jnp.where(on[layer], lin_BxTxD, out[0])
-    return (lin_BxTxD, *out[1:])
-  with nn.intercept_methods(interceptor):
-    yield
-
-
 def block_states(model: Transformer, params: dict, tokens_BxT: Any,
                  weights_BxT: Any = None) -> np.ndarray:
   """(L+1, N, D) float32: the residual stream entering each of the L trunk blocks and leaving
   the last (pre final norm), N = B*T tokens (those with weight > 0 when `weights_BxT`)."""
-  plain = _plain(model)
+  plain = without_remat(model)
   depth = plain.config.depth
 
   @jax.jit
@@ -197,7 +137,7 @@ def replaced_apply(model: Transformer, params: dict, maps: dict[int, tuple[Any, 
                    tokens_BxT: Any, method: str | Callable | None = None, **kwargs) -> Any:
   """`model.apply(params, tokens, method=method, **kwargs)` with the blocks of `maps` replaced by
   their affine maps (jitted; `kwargs` static)."""
-  plain = _plain(model)
+  plain = without_remat(model)
 
   @jax.jit
   def run(variables, maps, tokens):
@@ -232,7 +172,7 @@ def replacement_curve(model: Transformer, params: dict, calib_tokens_BxT: Any,
   replaced by their fitted affine maps, for k in `ks` (default 0..L-1; k = 0 is the model
   itself): [{'k', 'replaced', 'loss'}]. `loss_fn(logits, batch) -> (sum, count)` on batches with
   'inputs'; the loss is sum / count over all batches. One compilation for every k."""
-  plain = _plain(model)
+  plain = without_remat(model)
   depth = plain.config.depth
   ks = list(range(depth)) if ks is None else list(ks)
   for k in ks:

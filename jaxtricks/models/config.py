@@ -21,6 +21,7 @@ from jaxtricks.layers.linear import DenseProjection
 from jaxtricks.layers.mlp import SwiGLUConfig
 from jaxtricks.layers.mtp import TransformerHeads
 from jaxtricks.layers.norm import RMSNormConfig
+from jaxtricks.models.regulariser import NoRegulariser
 from jaxtricks.registry import SLOTS, Component
 
 
@@ -41,6 +42,7 @@ class ModelConfig:
   mtp: Component = TransformerHeads()   # heads = 1: an ordinary next-token LM
   projection: Component = DenseProjection()
   norm: Component = RMSNormConfig()    # every norm site: before attention and MLP, K/V, final
+  regulariser: Component = NoRegulariser()  # a term of the training objective (no parameters)
 
   def components(self) -> tuple[Component, ...]:
     return tuple(getattr(self, slot) for slot in SLOTS)
