@@ -21,6 +21,7 @@ import jaxtricks.layers.prepbn  # noqa: F401  norm: prepbn, affine (SLAB)
 import jaxtricks.layers.spafit  # noqa: F401  projection: spafit, bitfit
 import jaxtricks.layers.spp  # noqa: F401  projection: spp
 import jaxtricks.models.regulariser  # noqa: F401  regulariser: none
+import jaxtricks.train.cosine_reg  # noqa: F401  regulariser: cosine (Secretly Linear)
 import jaxtricks.train.exact_match  # noqa: F401  train.loss: lm_exact
 import jaxtricks.train.kan_ffn_reg  # noqa: F401  mlp kan: its regulariser as a loss term
 import jaxtricks.train.mtp_loss  # noqa: F401  train.loss: mtp, mtp_naive
