@@ -17,6 +17,7 @@ from jaxtricks.config import Config
 from jaxtricks.errors import ConfigError
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.train import step as step_lib
+from jaxtricks.train.hooks import with_contexts
 from jaxtricks.train.losses import LOSSES
 from jaxtricks.train.optimizer import lr_schedule, make_optimizer
 from jaxtricks.train.state import TrainState, init_state, state_shardings
@@ -74,7 +75,7 @@ def build(config: Config, mesh: jax.sharding.Mesh | None = None) -> Built:
   model = Transformer(config.model)
   tx = make_optimizer(tc, model)
   schedule = lr_schedule(tc)
-  loss_fn = LOSSES[tc.loss]
+  loss_fn = with_contexts(LOSSES[tc.loss])
   abstract, shardings = state_shardings(model, tx, tc.seq_len, mesh)
   train_step = step_lib.jit_train_step(
       step_lib.make_train_step(model, tx, loss_fn, schedule, tc.skip_nonfinite), shardings, mesh)

@@ -6,7 +6,9 @@ losses apply every hook of the model's components and never name a trick.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ import optax
 
 OPTIMIZER_HOOKS: dict[type, Callable[[OptimizerParts, Any], None]] = {}
 LOSS_TERMS: dict[type, Callable] = {}
+LOSS_CONTEXTS: dict[type, Callable] = {}
 LOSSES: dict[str, Callable] = {}   # train.loss name -> loss_fn (jaxtricks.train.losses)
 
 
@@ -59,6 +62,28 @@ def loss_term(component_cls: type) -> Callable:
   """`fn(component, model, params, batch, train) -> (scalar, {metric: scalar})`: added to the
   objective of every loss for models with that component; its metrics are logged."""
   return _register(LOSS_TERMS, component_cls)
+
+
+def loss_context(component_cls: type) -> Callable:
+  """`fn(component, model, train) -> context manager` entered around every call of the run's
+  loss for models with that component: what it records of the loss's own forward pass (hidden
+  states through `flax.linen.intercept_methods`) its loss term can read instead of running the
+  model again."""
+  return _register(LOSS_CONTEXTS, component_cls)
+
+
+def with_contexts(loss_fn: Callable) -> Callable:
+  """`loss_fn` run inside the loss contexts of the model's components (the loss the train and
+  eval steps call); a loss called without them gives the same value."""
+  @functools.wraps(loss_fn)
+  def wrapped(model, params, batch, train: bool = False, rngs: dict | None = None):
+    with contextlib.ExitStack() as stack:
+      for component in model.config.components():
+        fn = LOSS_CONTEXTS.get(type(component))
+        if fn is not None:
+          stack.enter_context(fn(component, model, train))
+      return loss_fn(model, params, batch, train, rngs)
+  return wrapped
 
 
 def with_terms(model, params, batch, train: bool, loss, metrics: dict) -> tuple[Any, dict]:
