@@ -10,14 +10,17 @@ cosine-similarity-based term between embeddings of consecutive layers was added 
 and lowered linearity; `pull` is the form our reading note recalls, `push` its opposite, both
 offered because the exact form is unconfirmed. The term is computed in training only (logged as
 `cos_reg`, the weighted value, and `cos_sim`, the mean cosine); evaluation and `loss` are the
-data term. It runs the trunk a second time inside the loss (states recorded by
-jaxtricks.models.block_hooks), so a regularised step costs about one more forward and backward.
+data term. The states are those of the loss's own forward pass, recorded by the component's loss
+context (jaxtricks.train.hooks, jaxtricks.models.block_hooks); a loss called outside it (or a
+remat model) runs a deterministic forward of its own for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,7 +29,7 @@ from jaxtricks.errors import ConfigError
 from jaxtricks.models.block_hooks import recorded_blocks, without_remat
 from jaxtricks.models.regulariser import Regulariser
 from jaxtricks.registry import register
-from jaxtricks.train.hooks import loss_term
+from jaxtricks.train.hooks import loss_context, loss_term
 
 MODES = ("pull", "push")
 
@@ -65,13 +68,43 @@ class CosineRegulariser(Regulariser):
     return self.weight * ((1.0 - cos) if self.mode == "pull" else cos)
 
 
+_RECORDS: list[dict] = []  # the trunk states of the loss call being traced, innermost last
+
+
+@loss_context(CosineRegulariser)
+@contextlib.contextmanager
+def record_trunk(reg: CosineRegulariser, model, train: bool) -> Iterator[None]:
+  """Records the trunk blocks' states of the loss's own training forward pass (not under
+  remat: values inside jax.checkpoint must not escape it)."""
+  if not train or reg.weight == 0 or model.config.remat:
+    yield
+    return
+  record: dict = {}
+  _RECORDS.append(record)
+  try:
+    with recorded_blocks(record):
+      yield
+  finally:
+    _RECORDS.pop()
+
+
+def trunk_states(model, params, tokens_BxT) -> list[tuple[jnp.ndarray, jnp.ndarray]]:
+  """(input, output) of every trunk block: recorded from the loss's forward pass when the loss
+  runs in its context, else from a deterministic forward of its own."""
+  depth = model.config.depth
+  record = _RECORDS[-1] if _RECORDS else {}
+  if set(record) != set(range(depth)):
+    record = {}
+    with recorded_blocks(record):
+      without_remat(model).apply({"params": params}, tokens_BxT, method="hidden")
+  return [record[i] for i in range(depth)]
+
+
 @loss_term(CosineRegulariser)
 def cosine_regularisation(reg: CosineRegulariser, model, params, batch, train: bool):
   if not train or reg.weight == 0:
     return 0.0, {}
-  record: dict = {}
-  with recorded_blocks(record):
-    without_remat(model).apply({"params": params}, batch["inputs"], method="hidden")
-  cos = mean_cosine([record[i] for i in sorted(record)], weights_BxT=batch.get("weights"))
+  cos = mean_cosine(trunk_states(model, params, batch["inputs"]),
+                    weights_BxT=batch.get("weights"))
   value = reg.term(cos)
   return value, {"cos_reg": value, "cos_sim": cos}

@@ -78,3 +78,35 @@ def test_term_is_added_in_training_only(mode):
 def test_bad_settings_are_refused(overrides, message):
   with pytest.raises(ConfigError, match=message):
     override(CFG, {"regulariser": "cosine", **overrides}).validate()
+
+
+def test_loss_context_reuses_the_forward_pass():
+  """Inside its loss context the term reads the loss's own forward pass (block 0 runs once, not
+  twice) and gives the value and gradient of the term's own forward."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  from jaxtricks.models.block_hooks import trunk_layer  # noqa: PLC0415
+  from jaxtricks.train.hooks import with_contexts  # noqa: PLC0415
+
+  cfg = override(CFG, {"regulariser": "cosine", "regulariser.weight": 0.5})
+  model = Transformer(cfg)
+  tokens = np.random.default_rng(2).integers(0, 64, (2, 9)).astype(np.int32)
+  params = support.random_params(model, jnp.asarray(tokens))
+  batch = {"inputs": tokens, "targets": np.roll(tokens, -1, 1)}
+  calls = []
+
+  def count(next_fun, args, kwargs, context):
+    if trunk_layer(context) == 0:
+      calls.append(1)
+    return next_fun(*args, **kwargs)
+
+  grads = {}
+  for name, fn in (("own", lm_loss), ("context", with_contexts(lm_loss))):
+    calls.clear()
+    with nn.intercept_methods(count):
+      (value, metrics), grads[name] = jax.value_and_grad(
+          lambda p, f=fn: f(model, p, batch, True), has_aux=True)(params)
+    assert len(calls) == (2 if name == "own" else 1), name
+    grads[name + "_value"] = (value, metrics["cos_reg"])
+  chex.assert_trees_all_close(grads["context_value"], grads["own_value"], atol=1e-6)
+  chex.assert_trees_all_close(grads["context"], grads["own"], atol=1e-6)
