@@ -11,7 +11,7 @@ from types import ModuleType
 
 from jaxtricks.errors import ConfigError
 
-EXPERIMENTS = ("lm", "cla", "mtp", "kan", "slope", "finetune", "lckv")
+EXPERIMENTS = ("lm", "cla", "mtp", "kan", "slope", "finetune", "lckv", "linearity", "slab")
 
 
 def load(name: str) -> ModuleType:
