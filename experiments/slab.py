@@ -106,9 +106,9 @@ def get_config(preset: str) -> SlabConfig:
 
 def variant_config(config: SlabConfig, name: str) -> SlabConfig:
   attention, norm = name.split("+")
-  changes: dict[str, Any] = {"variants": ()}
-  if attention == "linear":
-    changes["model.attention"] = "linear"
+  # Each variant names both kinds; fields given on the command line stay with their kind.
+  changes: dict[str, Any] = {"variants": (), "model.norm": norm,
+                             "model.attention": "mha" if attention == "softmax" else "linear"}
   if norm == "prepbn":
     steps = config.train.steps
     changes.update({"model.norm": "prepbn",

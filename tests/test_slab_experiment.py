@@ -20,10 +20,12 @@ def test_smoke_runs_the_default_variants():
     ("--variants=softmax+rms,linear+ln", "unknown variants ['linear+ln']"),
     ("--prepbn_steps=0.9", "prepbn_warm=0.25 and prepbn_steps=0.9 must be fractions"),
     ("--decode_context=0", "decode_context must be >= 1"),
-    ("--model.norm.r0=2", "r0"),
+    ("--model.norm.r0=2", "model.norm.r0=2.0: the gamma schedule must stay in [0, 1]"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, flag, message):
-  proc = support.launch("--exp=slab", "--preset=smoke", f"--workdir={tmp_path / 'w'}", flag)
+  extra = ("--model.norm=prepbn",) if "norm" in flag else ()
+  proc = support.launch("--exp=slab", "--preset=smoke", f"--workdir={tmp_path / 'w'}", flag,
+                        *extra)
   assert proc.returncode == 2, support.describe(proc)
   assert message in proc.stderr and "Traceback" not in proc.stderr, support.describe(proc)
   assert not (tmp_path / "w" / "variants").exists()

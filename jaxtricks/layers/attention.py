@@ -172,10 +172,17 @@ class SelfAttention(nn.Module):
                               self.implementation)
       if strict:  # no visible key: zero output
         out_BxTxNxH = jnp.where(jnp.any(mask_BxTxS, -1)[..., None, None], out_BxTxNxH, 0)
-    std = (n * h * 2 * self.n_layers) ** -0.5
-    out_BxTxD = Linear((d,), ("heads", "head_dim", "embed"), in_ndim=2, std=std, name="o",
-                       **kw)(out_BxTxNxH)
-    return out_BxTxD, kv, cache
+    return output_projection(Linear, out_BxTxNxH, d, self.n_layers, **kw), kv, cache
+
+
+def output_projection(projection: Callable[..., nn.Module], out_BxTxNxH: jnp.ndarray, d: int,
+                      n_layers: int, **kw) -> jnp.ndarray:
+  """The heads' outputs projected back to the width by the `o` projection (called inside an
+  attention module's compact method), initialised at std 1/sqrt(2 N H L)."""
+  _, _, n, h = out_BxTxNxH.shape
+  std = (n * h * 2 * n_layers) ** -0.5
+  return projection((d,), ("heads", "head_dim", "embed"), in_ndim=2, std=std, name="o",
+                    **kw)(out_BxTxNxH)
 
 
 @register("attention", "mha")

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtricks.errors import ConfigError
-from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.layers.attention import AttentionConfig, output_projection
 from jaxtricks.layers.dtypes import resolve_dtype
 from jaxtricks.layers.linear import Linear
 from jaxtricks.ops.kv_layout import LayerKV
@@ -79,10 +79,8 @@ class LinearAttention(nn.Module):
       conv_BxTxKxH = causal_conv(v_BxTxKxH, w_WxH, cache["conv"])
       cache = {"s": s, "z": z, "conv": conv_history(cache["conv"], v_BxTxKxH, n_B)}
     o_BxTxKxGxH = o_BxTxNxH.reshape(b, t, kh, n // kh, h) + conv_BxTxKxH[:, :, :, None]
-    std = (n * h * 2 * self.n_layers) ** -0.5
-    out_BxTxD = Linear((d,), ("heads", "head_dim", "embed"), in_ndim=2, std=std, name="o",
-                       **kw)(o_BxTxKxGxH.reshape(b, t, n, h))
-    return out_BxTxD, None, cache
+    o_BxTxNxH = o_BxTxKxGxH.reshape(b, t, n, h)
+    return output_projection(Linear, o_BxTxNxH, d, self.n_layers, **kw), None, cache
 
 
 @register("attention", "linear")
