@@ -115,7 +115,7 @@ def test_positions_shift_is_invisible_within_the_sequence(model_and_params):
     ({"attention.n_heads": 3}, "model.attention.n_heads=3 does not divide model.d_model=32"),
     ({"attention.n_kv_heads": 3},
      "model.attention.n_kv_heads=3 does not divide model.attention.n_heads=4"),
-    ({"attention": "flash"}, "attention='flash' is unknown; valid: lckv, mha"),
+    ({"attention": "flash"}, "attention='flash' is unknown; valid: lckv, linear, mha"),
     ({"attention.impl": "fast"}, "valid: naive, xla, cudnn"),
     ({"attention.kv_sharing": 3}, "CLA sharing factor 3 must be between 1 and the depth 2"),
     ({"dtype": "float8"}, "model.dtype='float8'"),
