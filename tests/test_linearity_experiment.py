@@ -3,10 +3,13 @@ replacement curves, figures), reading `--init_from`, and its bad settings refuse
 before anything is trained."""
 
 import json
+import re
 
 import pytest
 
 from experiments import linearity
+from jaxtricks.config import override
+from jaxtricks.errors import UserError
 from tests import support
 
 
@@ -17,20 +20,26 @@ def test_smoke_is_the_default_smaller():
   assert default.train.steps == linearity.lm.get_config("default").train.steps
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--ks=0,2", "ks [2]: cannot replace that many of the model's 2 blocks"),
-    ("--calib_batches=0", "calib_batches must be >= 1"),
-    ("--calib_batches=1", "calib_batches=1 gives 64 calibration tokens, not more than "
-                          "d_model + 1 = 65: the least-squares fit is underdetermined"),
-    ("--reg_mode=twist", "model.regulariser.mode='twist' is unknown"),
-    ("--init_from=/nonexistent/run", "/nonexistent/run"),
+@pytest.mark.parametrize("overrides,message", [
+    ({"ks": (0, 2)}, "ks [2]: cannot replace that many of the model's 2 blocks"),
+    ({"calib_batches": 0}, "calib_batches must be >= 1"),
+    ({"calib_batches": 1, "train.batch_size": 1, "train.seq_len": 64},
+     "calib_batches=1 gives 64 calibration tokens, not more than d_model + 1 = 65: the "
+     "least-squares fit is underdetermined"),
+    ({"reg_mode": "twist"}, "model.regulariser.mode='twist' is unknown"),
 ])
-def test_bad_settings_are_one_line_errors(tmp_path, flag, message):
-  extra = ("--train.batch_size=1", "--train.seq_len=64") if "calib" in flag else ()
-  proc = support.launch("--exp=linearity", "--preset=smoke", f"--workdir={tmp_path / 'w'}", flag,
-                        *extra)
+def test_bad_settings_are_refused_before_training(tmp_path, overrides, message):
+  config = override(linearity.get_config("smoke"), overrides)
+  with pytest.raises(UserError, match=re.escape(message)):
+    linearity.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_bad_init_from_is_a_one_line_error(tmp_path):
+  proc = support.launch("--exp=linearity", "--preset=smoke", f"--workdir={tmp_path / 'w'}",
+                        "--init_from=/nonexistent/run")
   assert proc.returncode == 2, support.describe(proc)
-  assert message in proc.stderr and "Traceback" not in proc.stderr, support.describe(proc)
+  assert "/nonexistent/run" in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "variants").exists()
 
 

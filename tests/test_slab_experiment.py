@@ -2,10 +2,13 @@
 bytes, decode speed folded and unfolded, norm costs) and its bad settings refused in one line."""
 
 import json
+import re
 
 import pytest
 
 from experiments import slab
+from jaxtricks.config import override
+from jaxtricks.errors import UserError
 from tests import support
 
 
@@ -16,18 +19,24 @@ def test_smoke_runs_the_default_variants():
   assert default.decode_context == 8192
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--variants=softmax+rms,linear+ln", "unknown variants ['linear+ln']"),
-    ("--prepbn_steps=0.9", "prepbn_warm=0.25 and prepbn_steps=0.9 must be fractions"),
-    ("--decode_context=0", "decode_context must be >= 1"),
-    ("--model.norm.r0=2", "model.norm.r0=2.0: the gamma schedule must stay in [0, 1]"),
+@pytest.mark.parametrize("overrides,message", [
+    ({"variants": ("softmax+rms", "linear+ln")}, "unknown variants ['linear+ln']"),
+    ({"prepbn_steps": 0.9}, "prepbn_warm=0.25 and prepbn_steps=0.9 must be fractions"),
+    ({"decode_context": 0}, "decode_context must be >= 1"),
 ])
-def test_bad_settings_are_one_line_errors(tmp_path, flag, message):
-  extra = ("--model.norm=prepbn",) if "norm" in flag else ()
-  proc = support.launch("--exp=slab", "--preset=smoke", f"--workdir={tmp_path / 'w'}", flag,
-                        *extra)
+def test_bad_settings_are_refused_before_training(tmp_path, overrides, message):
+  config = override(slab.get_config("smoke"), overrides)
+  with pytest.raises(UserError, match=re.escape(message)):
+    slab.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_gamma_schedule_outside_0_1_is_a_one_line_error(tmp_path):
+  proc = support.launch("--exp=slab", "--preset=smoke", f"--workdir={tmp_path / 'w'}",
+                        "--model.norm=prepbn", "--model.norm.r0=2")
   assert proc.returncode == 2, support.describe(proc)
-  assert message in proc.stderr and "Traceback" not in proc.stderr, support.describe(proc)
+  assert "model.norm.r0=2.0: the gamma schedule must stay in [0, 1]" in proc.stderr
+  assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w" / "variants").exists()
 
 
