@@ -14,6 +14,7 @@ unsharded reference, computed in this process, printed as one JSON line of large
 """
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -127,31 +128,34 @@ def step_case(exp: str, overrides: dict, mesh_overrides: dict) -> dict:
 
 
 def main() -> None:
+  """Prints the report of the default cases, or with argument `kinds` the train-step cases of
+  the attention and norm kinds (the slow tier)."""
   rng = np.random.default_rng(0)
-  report = {
-      "device_count": jax.device_count(),
-      "vocab_parallel": vocab_parallel_cases(rng),
-      "ring": ring_cases(rng),
-      "lm_tensor4": step_case("lm", {}, {"mesh.fsdp": 2, "mesh.tensor": 4}),
-      "mtp_ring_context2_tensor2": step_case("mtp", {"model.attention.impl": "ring"},
-                                             {"mesh.fsdp": 2, "mesh.context": 2,
-                                              "mesh.tensor": 2}),
-      "lckv_data2_fsdp2_tensor2": step_case("lm", {**FOUR_LAYERS, "model.attention": "lckv",
-                                             "model.attention.iterations": 3},
-                                      {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-      "yoco_like_data2_fsdp2_tensor2": step_case("lm", {**FOUR_LAYERS,
-                                                  "model.attention.kv_layout": (0, 1, 2, 2),
-                                                  "model.attention.window": 8,
-                                                  "model.attention.window_layers": (0, 1)},
-                                           {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-      "prepbn_data2_fsdp2_tensor2": step_case("lm", {"model.norm": "prepbn"},
-                                              {"mesh.data": 2, "mesh.fsdp": 2,
-                                               "mesh.tensor": 2}),
-      "linear_attention_data2_fsdp2_tensor2": step_case(
-          "lm", {"model.attention": "linear", "model.attention.n_kv_heads": 1,
-                 "model.attention.chunk": 16},
-          {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}),
-  }
+  report: dict = {"device_count": jax.device_count()}
+  if sys.argv[1:] == ["kinds"]:
+    split = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    report.update({
+        "lckv_data2_fsdp2_tensor2": step_case(
+            "lm", {**FOUR_LAYERS, "model.attention": "lckv", "model.attention.iterations": 3},
+            split),
+        "yoco_like_data2_fsdp2_tensor2": step_case(
+            "lm", {**FOUR_LAYERS, "model.attention.kv_layout": (0, 1, 2, 2),
+                   "model.attention.window": 8, "model.attention.window_layers": (0, 1)},
+            split),
+        "prepbn_data2_fsdp2_tensor2": step_case("lm", {"model.norm": "prepbn"}, split),
+        "linear_attention_data2_fsdp2_tensor2": step_case(
+            "lm", {"model.attention": "linear", "model.attention.n_kv_heads": 1,
+                   "model.attention.chunk": 16}, split),
+    })
+  else:
+    report.update({
+        "vocab_parallel": vocab_parallel_cases(rng),
+        "ring": ring_cases(rng),
+        "lm_tensor4": step_case("lm", {}, {"mesh.fsdp": 2, "mesh.tensor": 4}),
+        "mtp_ring_context2_tensor2": step_case("mtp", {"model.attention.impl": "ring"},
+                                               {"mesh.fsdp": 2, "mesh.context": 2,
+                                                "mesh.tensor": 2}),
+    })
   print(json.dumps(report))
 
 

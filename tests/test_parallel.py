@@ -1,8 +1,9 @@
 """The per-device (jax.shard_map) code on fake CPU devices: the vocabulary-parallel loss and ring
 attention equal their unsharded references (forward and gradients, 1e-5), and one train step of
 the LM and the multi-token model on meshes that split the vocabulary and the sequence equals the
-one-device step. Computed in one subprocess (tests/parallel_checks.py) with the session's fake
-device count; mesh-fit errors in this process."""
+one-device step, as do the steps of the LCKV, YOCO-like, PRepBN and linear-attention kinds (slow
+tier). Computed in subprocesses (tests/parallel_checks.py) with the session's fake device count;
+mesh-fit errors in this process."""
 
 import json
 
@@ -46,21 +47,36 @@ def test_ring_attention_equals_unsharded_attention(report):
     assert diffs["out"] <= TOL and diffs["grad"] <= TOL, (mesh, diffs)
 
 
-@pytest.mark.parametrize("name,mesh", [
-    ("lm_tensor4", {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}),
-    ("mtp_ring_context2_tensor2", {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}),
-    ("lckv_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
-    ("yoco_like_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
-    ("prepbn_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
-    ("linear_attention_data2_fsdp2_tensor2", {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}),
-])
-def test_train_step_on_a_split_mesh_equals_one_device(report, name, mesh):
-  case = report[name]
+def check_step_case(case: dict, mesh: dict) -> None:
   assert case["mesh"] == mesh
   assert case["loss"] > 1.0  # a real loss at init (about log 256 per head)
   for key, diff in case["metrics"].items():
     assert diff <= TOL * max(1.0, case["loss"]), (key, diff)
   assert case["params"] <= TOL
+
+
+@pytest.mark.parametrize("name,mesh", [
+    ("lm_tensor4", {"data": 1, "fsdp": 2, "context": 1, "tensor": 4}),
+    ("mtp_ring_context2_tensor2", {"data": 1, "fsdp": 2, "context": 2, "tensor": 2}),
+])
+def test_train_step_on_a_split_mesh_equals_one_device(report, name, mesh):
+  check_step_case(report[name], mesh)
+
+
+@pytest.fixture(scope="module")
+def kinds_report(fake_devices):
+  proc = support.run_python(["tests/parallel_checks.py", "kinds"], devices=fake_devices)
+  assert proc.returncode == 0, support.describe(proc)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # the slow tier: four more train steps on split meshes, one subprocess
+@pytest.mark.parametrize("name", ["lckv_data2_fsdp2_tensor2", "yoco_like_data2_fsdp2_tensor2",
+                                  "prepbn_data2_fsdp2_tensor2",
+                                  "linear_attention_data2_fsdp2_tensor2"])
+def test_kinds_train_step_on_a_split_mesh_equals_one_device(kinds_report, name):
+  case = kinds_report[name]
+  check_step_case(case, {"data": 2, "fsdp": 2, "context": 1, "tensor": 2})
   if name.startswith("prepbn"):  # BatchNorm statistics over the whole (data-split) batch
     assert case["collections"] is not None and case["collections"] <= TOL
 
