@@ -22,7 +22,6 @@ linearity.png (scores per layer) and replacement.png (loss against k).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -32,8 +31,13 @@ from experiments import lm
 from experiments.measure import eval_batches
 from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
-from jaxtricks.analysis.linearity import layer_scores, load_lm, replacement_curve
-from jaxtricks.config import Config, flatten, from_dict, override, to_dict
+from jaxtricks.analysis.linearity import (
+  layer_scores,
+  load_lm,
+  recorded_config,
+  replacement_curve,
+)
+from jaxtricks.config import Config, flatten, override, to_dict
 from jaxtricks.data import batching
 from jaxtricks.data.sources import make_source
 from jaxtricks.errors import ConfigError
@@ -114,17 +118,6 @@ def analyse(config: LinearityConfig, data, train_config, model, params) -> dict:
           "replacement": curve}
 
 
-def _recipe(directory: str) -> Config | None:
-  """The train and data sections a workdir's config.json records (None: an experiment's own
-  format, or none)."""
-  try:
-    with open(os.path.join(directory, "config.json")) as f:
-      saved = json.load(f)
-    return from_dict(Config(), {k: saved[k] for k in ("train", "data") if k in saved})
-  except (OSError, ValueError, KeyError):
-    return None
-
-
 def run(config: LinearityConfig, workdir: str) -> dict:
   config.validate()
   t_start = time.time()
@@ -132,7 +125,7 @@ def run(config: LinearityConfig, workdir: str) -> dict:
   if config.train.init_from:
     source = init_from.read_source(config.train.init_from)  # one-line error: not an LM workdir
     loaded = load_lm(source.directory)[:2]
-    recorded = _recipe(source.directory)
+    recorded = recorded_config(source.directory)
     if recorded is not None:
       recipe = dataclasses.replace(recorded, model=loaded[0].config, mesh=config.mesh)
   else:

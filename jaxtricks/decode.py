@@ -49,18 +49,17 @@ def end_prefill(cache: dict, lengths_B: jnp.ndarray) -> dict:
 
 
 def cache_bytes(cache: dict) -> int:
-  """Bytes of the cache arrays actually allocated (K/V and ring positions; lengths excluded)."""
-  return int(sum(x.nbytes for name, layer in cache.items() if name not in ("lengths", "limits")
-                 for x in jax.tree.leaves(layer)))
+  """Bytes of the cache arrays actually allocated (K/V and ring positions; lengths excluded);
+  arrays or their shapes (jax.ShapeDtypeStruct)."""
+  return int(sum(x.size * x.dtype.itemsize for name, layer in cache.items()
+                 if name not in ("lengths", "limits") for x in jax.tree.leaves(layer)))
 
 
 def decode_state_bytes(config, context: int, batch: int = 1) -> int:
   """Bytes of the decode cache `init_cache` allocates for `batch` sequences of `context` tokens
   (every component's entries; nothing is allocated): kv_bytes_per_token * context for full KV
   caches, a constant for ring buffers and recurrent states."""
-  shapes = jax.eval_shape(lambda: init_cache(config, batch, context))
-  return int(sum(x.size * x.dtype.itemsize for name, layer in shapes.items()
-                 if name not in ("lengths", "limits") for x in jax.tree.leaves(layer)))
+  return cache_bytes(jax.eval_shape(lambda: init_cache(config, batch, context)))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

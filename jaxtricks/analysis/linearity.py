@@ -31,7 +31,6 @@ import numpy as np
 
 from jaxtricks import sharding
 from jaxtricks.config import Config, from_dict
-from jaxtricks.errors import ConfigError
 from jaxtricks.models.block_hooks import recorded_blocks, replaced_blocks, without_remat
 from jaxtricks.models.transformer import Transformer
 from jaxtricks.ops.losses import cross_entropy
@@ -205,6 +204,17 @@ def replacement_curve(model: Transformer, params: dict, calib_tokens_BxT: Any,
   return curve
 
 
+def recorded_config(workdir: str) -> Config | None:
+  """The train and data sections a workdir's config.json records, as a Config (None when it is
+  an experiment's own format or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      saved = json.load(f)
+    return from_dict(Config(), {k: saved[k] for k in ("train", "data") if k in saved})
+  except (OSError, ValueError, KeyError):  # ConfigError is a ValueError
+    return None
+
+
 def load_lm(workdir: str, mesh: jax.sharding.Mesh | None = None
             ) -> tuple[Transformer, dict, Config]:
   """(model, parameters, Config) of the newest checkpoint of a trained jaxtricks LM workdir, on
@@ -216,12 +226,7 @@ def load_lm(workdir: str, mesh: jax.sharding.Mesh | None = None
   except init_from.InitFromError as e:
     raise init_from.InitFromError(
         str(e).replace(f"--init_from={workdir}", f"load_lm: {workdir}")) from None
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  try:
-    config = from_dict(Config(), {k: saved[k] for k in ("train", "data") if k in saved})
-  except ConfigError:
-    config = Config()  # an experiment's own config format: the model alone matters here
+  config = recorded_config(workdir) or Config()  # an experiment's own format: the model alone
   mesh = sharding.make_mesh(sharding.MeshConfig()) if mesh is None else mesh
   dp = sharding.data_parallel_size(mesh)
   train = dataclasses.replace(config.train, init_from="",
