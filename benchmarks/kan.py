@@ -9,8 +9,10 @@ input, for
     the B-spline branch), and a dense layer of the same shape;
   - `network`: a [2, 5, 1] KAN (pykan's hellokan network), batch 1024, G = 5, k = 3;
 each with
-  - jaxtricks `KANLayer` / `KAN` with the analytic custom-VJP basis backward (the default) and with
-    autodiff through the Cox-de Boor recursion (`analytic_grad=False`);
+  - jaxtricks `KANLayer` / `KAN`: the default, whose uniform grid takes the closed-form features
+    [bases, silu] of `ops.kan_uniform` in one fused pass each way; the Cox-de Boor recursion with
+    the analytic custom-VJP backward (`closed_form=False`, the path of grids moved by updates);
+    and autodiff through the recursion (`analytic_grad=False`);
   - the layer's three matmuls alone (forward, and the two backward ones) at its shapes, and a
     dense layer (JAX) and dense layers in PyTorch, for scale;
   - efficient-kan's matmul formulation (bases (N, I (G + k)) @ (I (G + k), O) plus
@@ -107,10 +109,12 @@ def _inputs(case: dict):
   return x, g
 
 
-def jaxtricks_step(case: dict, analytic_grad: bool) -> Callable[[], object]:
+def jaxtricks_step(case: dict, analytic_grad: bool, closed_form: bool = True
+                   ) -> Callable[[], object]:
   x, g = map(jnp.asarray, _inputs(case))
   widths = case["widths"]
-  kw = dict(grid_size=case["grid"], order=case["order"], analytic_grad=analytic_grad)
+  kw = dict(grid_size=case["grid"], order=case["order"], analytic_grad=analytic_grad,
+            closed_form=closed_form)
   model = KANLayer(widths[1], **kw) if len(widths) == 2 else KAN(tuple(widths), **kw)
   variables = nn.unbox(model.init(jax.random.key(0), x[:1]))
   grid = variables.get("grid", {})
@@ -243,7 +247,8 @@ def pykan_module(case: dict):
 
 
 JAX_IMPLS: dict[str, Callable[[dict], Callable[[], object]]] = {
-    "jaxtricks custom VJP": lambda c: jaxtricks_step(c, analytic_grad=True),
+    "jaxtricks closed form (uniform grid)": lambda c: jaxtricks_step(c, analytic_grad=True),
+    "jaxtricks recursion, custom VJP": lambda c: jaxtricks_step(c, True, closed_form=False),
     "jaxtricks autodiff": lambda c: jaxtricks_step(c, analytic_grad=False),
     "its 3 matmuls alone (jax)": matmuls_step,
     "dense (jax)": dense_step,

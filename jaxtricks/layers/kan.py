@@ -3,8 +3,11 @@
 Parameters: `coef` (I, O, J) spline coefficients, `w_base` and `w_spline` (I, O). The B-spline
 knots live in the `grid` collection (`knots`, (I, G + 2k + 1)) so that grid updates can move them
 without the optimizer seeing them; a model applied with `params` only uses the uniform grid of
-its config, which is also what `init` creates. An optional `mask` (I, O) in the same collection
-switches pruned edges off.
+its config, which is also what `init` creates. `init` also writes a `uniform` marker there, which
+grid updates drop: a layer whose grid is uniform (no grid collection, or the marker present) takes
+the closed-form bases of `jaxtricks.ops.kan_uniform`, any other the Cox-de Boor recursion. The
+choice is static (the collection's structure), never a test of the knots per call. An optional
+`mask` (I, O) in the same collection switches pruned edges off.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxtricks.errors import ConfigError
 from jaxtricks.layers.dtypes import resolve_dtype
-from jaxtricks.ops import kan
+from jaxtricks.ops import kan, kan_uniform
 from jaxtricks.registry import Component, register
 
 BASES = ("bspline", "rbf", "chebyshev")
@@ -51,20 +54,26 @@ class KANLayer(nn.Module):
   dtype: str = "float32"
   param_dtype: str = "float32"
   analytic_grad: bool = True   # B-spline input gradient by the analytic derivative (custom VJP)
+  closed_form: bool = True     # closed-form bases on uniform grids (False: always the recursion)
 
-  def knots(self, n_in: int) -> jnp.ndarray:
+  def knots(self, n_in: int) -> tuple[jnp.ndarray, bool]:
+    """(knots (I, G + 2k + 1), whether they are uniform)."""
     uniform = lambda: kan.uniform_grid(n_in, self.grid_size, self.order, *self.grid_range,
                                        dtype=resolve_dtype(self.param_dtype))
     if self.is_mutable_collection("grid") or self.has_variable("grid", "knots"):
-      return self.variable("grid", "knots", uniform).value
-    return uniform()
+      knots = self.variable("grid", "knots", uniform).value
+      if self.is_initializing():
+        self.variable("grid", "uniform", lambda: jnp.ones((), jnp.bool_))
+      return knots, self.has_variable("grid", "uniform")
+    return uniform(), True
 
-  def bases(self, x_NxI: jnp.ndarray) -> jnp.ndarray:
-    """Basis values as planes (N, J, I), the matmul form's layout."""
+  def bases(self, x_NxI: jnp.ndarray, knots=None) -> jnp.ndarray:
+    """Basis values as planes (N, J, I), the matmul form's layout (B-spline: by the recursion,
+    on `knots` or the layer's own)."""
     lo, hi = self.grid_range
     if self.basis == "bspline":
-      return kan.bspline_planes(x_NxI, self.knots(x_NxI.shape[-1]), self.order,
-                                self.analytic_grad)
+      knots = self.knots(x_NxI.shape[-1])[0] if knots is None else knots
+      return kan.bspline_planes(x_NxI, knots, self.order, self.analytic_grad)
     if self.basis == "rbf":
       centres = jnp.linspace(lo, hi, self.grid_size, dtype=x_NxI.dtype)
       basis_NxIxJ = kan.rbf_basis(x_NxI, centres, (hi - lo) / max(self.grid_size - 1, 1))
@@ -101,9 +110,17 @@ class KANLayer(nn.Module):
       w_base, w_spline = w_base * mask, w_spline * mask
     lead = x.shape[:-1]
     x_NxI = x.reshape(-1, n_in).astype(dtype)
-    basis_NxJxI = self.bases(x_NxI)
     weights = (coef.astype(dtype), w_base.astype(dtype), w_spline.astype(dtype))
-    y = kan.kan_matmul_planes(x_NxI, basis_NxJxI, *weights).reshape(*lead, self.features)
+    knots, uniform = self.knots(n_in) if self.basis == "bspline" else (None, False)
+    if uniform and self.closed_form and self.analytic_grad:
+      # [bases, silu(x)] in one fused pass each way (closed form on the uniform grid)
+      feats_NxKxI = kan_uniform.uniform_features(x_NxI, knots, self.order)
+      basis_NxJxI = feats_NxKxI[:, :-1]
+      y = kan.kan_matmul_features(feats_NxKxI, *weights)
+    else:
+      basis_NxJxI = self.bases(x_NxI, knots)
+      y = kan.kan_matmul_planes(x_NxI, basis_NxJxI, *weights)
+    y = y.reshape(*lead, self.features)
     if not return_edges:
       return y
     return y, kan.kan_edges(x_NxI, jnp.swapaxes(basis_NxJxI, 1, 2), *weights)

@@ -32,6 +32,7 @@ class KAN(nn.Module):
   base_sigma: float = 1.0
   dtype: str = "float32"       # 'float64' with jax_enable_x64 for function fitting to 1e-5
   analytic_grad: bool = True   # B-spline input gradients by the analytic derivative
+  closed_form: bool = True     # closed-form bases while a layer's grid is uniform
   # Grid updates keep the first layer's knots spanning grid_range (the input domain) instead of
   # only the samples' hull (pykan's): test inputs just outside the hull are not extrapolated.
   grid_spans_range: bool = False
@@ -40,7 +41,8 @@ class KAN(nn.Module):
     return dict(grid_size=self.grid_size, order=self.order, grid_range=self.grid_range,
                 basis=self.basis, init_style=self.init_style, noise_scale=self.noise_scale,
                 base_mu=self.base_mu, base_sigma=self.base_sigma, dtype=self.dtype,
-                param_dtype=self.dtype, analytic_grad=self.analytic_grad)
+                param_dtype=self.dtype, analytic_grad=self.analytic_grad,
+                closed_form=self.closed_form)
 
   @nn.compact
   def __call__(self, x_NxI: jnp.ndarray, return_edges: bool = False):
@@ -97,7 +99,8 @@ def _refitter(model: KAN, grid_size: int, grid_eps: float, ridge: float, with_ma
       span = model.grid_range if model.grid_spans_range and layer == 0 else None
       new = kan.grid_from_samples(x_in, grid_size, model.order, grid_eps, span)
       params[name] = dict(p, coef=kan.fit_coefficients(x_in, values, new, model.order, ridge))
-      grids[name] = dict(grids[name], knots=new)  # a pruning mask stays
+      # A pruning mask stays; the uniform marker goes (the new knots follow the samples).
+      grids[name] = {**{k: v for k, v in grids[name].items() if k != "uniform"}, "knots": new}
       if with_maps:
         maps[name] = kan.refit_matrix(x_in, old, new, model.order, ridge)
     return params, grids, maps

@@ -114,12 +114,12 @@ def attribution(model: KAN, variables: dict, x_NxI: jnp.ndarray,
   return node_scores, edge_scores
 
 
-def _slice_layer(p: dict, knots: jnp.ndarray, mask, keep_in: np.ndarray, keep_out: np.ndarray):
+def _slice_layer(p: dict, grid: dict, keep_in: np.ndarray, keep_out: np.ndarray):
   p = {"coef": p["coef"][keep_in][:, keep_out], "w_base": p["w_base"][keep_in][:, keep_out],
        "w_spline": p["w_spline"][keep_in][:, keep_out]}
-  g = {"knots": knots[keep_in]}
-  if mask is not None:
-    g["mask"] = mask[keep_in][:, keep_out]
+  g = dict(grid, knots=grid["knots"][keep_in])  # a uniform marker stays: slicing keeps it true
+  if "mask" in grid:
+    g["mask"] = grid["mask"][keep_in][:, keep_out]
   return p, g
 
 
@@ -128,8 +128,8 @@ def _slice_network(model: KAN, variables: dict, keep: list[np.ndarray]) -> tuple
   for layer in range(len(model.widths) - 1):
     name = f"layer_{layer}"
     grid = variables["grid"][name]
-    params[name], grids[name] = _slice_layer(variables["params"][name], grid["knots"],
-                                             grid.get("mask"), keep[layer], keep[layer + 1])
+    params[name], grids[name] = _slice_layer(variables["params"][name], grid, keep[layer],
+                                             keep[layer + 1])
   new_model = dataclasses.replace(model, widths=tuple(len(k) for k in keep))
   return new_model, {"params": params, "grid": grids}
 

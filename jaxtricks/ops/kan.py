@@ -178,17 +178,32 @@ def _check_layer(name: str, x_NxI, basis, coef_IxOxJ, w_base_IxO, w_spline_IxO,
                     custom_message=f"{name}: w_base_IxO, w_spline_IxO")
 
 
+def matmul_coefficients(coef_IxOxJ: jnp.ndarray, w_base_IxO: jnp.ndarray,
+                        w_spline_IxO: jnp.ndarray) -> jnp.ndarray:
+  """[C; W_b] ((J + 1) I, O), C[j i, o] = w_s[i, o] c[i, o, j]: the matmul form's weights."""
+  c_KxIxO = jnp.concatenate([jnp.einsum("IOJ,IO->JIO", coef_IxOxJ, w_spline_IxO),
+                             w_base_IxO[None]], axis=0)
+  return c_KxIxO.reshape(-1, c_KxIxO.shape[-1])
+
+
+def kan_matmul_features(feats_NxKxI: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
+                        w_base_IxO: jnp.ndarray, w_spline_IxO: jnp.ndarray) -> jnp.ndarray:
+  """y (N, O) from features [bases, silu(x)] (N, J + 1, I), one matmul."""
+  chex.assert_rank(feats_NxKxI, 3, custom_message="kan_matmul_features: feats_NxKxI")
+  n, k, i = feats_NxKxI.shape
+  chex.assert_shape(coef_IxOxJ, (i, None, k - 1), custom_message="kan_matmul_features: coef")
+  return feats_NxKxI.reshape(n, k * i) @ matmul_coefficients(coef_IxOxJ, w_base_IxO,
+                                                             w_spline_IxO)
+
+
 def kan_matmul_planes(x_NxI: jnp.ndarray, basis_NxJxI: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
                       w_base_IxO: jnp.ndarray, w_spline_IxO: jnp.ndarray) -> jnp.ndarray:
   """y (N, O) = [bases, silu(x)] (N, (J + 1) I) @ [C; W_b] ((J + 1) I, O), one matmul, with
   C[j i, o] = w_s[i, o] c[i, o, j]: silu(x) is the (J + 1)-th basis plane, W_b its coefficients."""
   _check_layer("kan_matmul_planes", x_NxI, basis_NxJxI, coef_IxOxJ, w_base_IxO, w_spline_IxO,
                "NJI")
-  n, j, i = basis_NxJxI.shape
   feats_NxKxI = jnp.concatenate([basis_NxJxI, jax.nn.silu(x_NxI)[:, None, :]], axis=1)
-  c_KxIxO = jnp.concatenate([jnp.einsum("IOJ,IO->JIO", coef_IxOxJ, w_spline_IxO),
-                             w_base_IxO[None]], axis=0)
-  return feats_NxKxI.reshape(n, (j + 1) * i) @ c_KxIxO.reshape((j + 1) * i, -1)
+  return kan_matmul_features(feats_NxKxI, coef_IxOxJ, w_base_IxO, w_spline_IxO)
 
 
 def kan_matmul(x_NxI: jnp.ndarray, basis_NxIxJ: jnp.ndarray, coef_IxOxJ: jnp.ndarray,
