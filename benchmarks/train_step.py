@@ -7,10 +7,13 @@ preset and a d_model=512 small LM, the real train step (state_shardings, init_st
 make_train_step, jit_train_step on the mesh of MeshConfig(), as the training loop builds it):
 tokens/s, model FLOP/s and their ratio to the matmul FLOP/s.
 
-The ratio divides the model FLOP/s of the median step by the best FLOP/s of the reference matmul
-(the machine's peak, as in MFU). Shared CPUs (VMs) drift by up to 2x from second to second, so the
-reference matmul also runs after every timed step and the peak is its best over the whole run; the
-JSON keeps the median of the matmuls beside each config's steps (both saw the same interference).
+Two ratios divide the model FLOP/s of the median step:
+  - `ratio`: by the best FLOP/s of the square reference matmul over the whole run (the machine's
+    peak, as in MFU). One lucky matmul moves it by 20% between runs;
+  - `ratio_shaped`: by the median FLOP/s of the step's own matmul shapes (every distinct forward
+    kernel shape: (B T) x d_model x out for the attention projections, the MLP and the
+    unembedding), each timed after every timed step, so they see the same interference as the
+    steps. Being a median of many, it moves far less from run to run.
 
 Model FLOPs per token follow PaLM (Chowdhery et al. 2022, arXiv 2204.02311, appendix B):
 6 N + 12 L H Q T, with N the matmul parameters (every Linear kernel: attention, MLP and the
@@ -69,6 +72,15 @@ def seconds(fn: Callable[[], object]) -> float:
   return time.perf_counter() - t0
 
 
+def kernel_shapes(params) -> list[tuple[int, int]]:
+  """The distinct (in, out) shapes of the model's Linear kernels, leading axes folded into out."""
+  shapes = set()
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    if jax.tree_util.keystr(path).endswith("['kernel']"):
+      shapes.add((int(x.shape[0]), int(np.prod(x.shape[1:]))))
+  return sorted(shapes)
+
+
 def model_flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int) -> tuple[int, int]:
   """(6 N, 12 L H Q T): the dense and attention terms of the PaLM formula."""
   return 6 * n_matmul, 12 * cfg.n_layers * cfg.attention.n_heads * cfg.dim_per_head * seq_len
@@ -86,10 +98,13 @@ def bench_config(config: Config, steps: int) -> dict:
   for _ in range(WARMUP - 1):
     seconds(one)
   matmul, mm_flops = matmul_fn(FLAGS.matmul_n, FLAGS.matmul_n, FLAGS.matmul_n)
-  times, mm_times = [], []
+  tokens = tc.batch_size * tc.seq_len
+  own = [matmul_fn(tokens, k, n) for k, n in kernel_shapes(params)]
+  times, mm_times, own_rates = [], [], []
   for _ in range(steps):
     times.append(seconds(one))
     mm_times += [seconds(matmul) for _ in range(MATMULS_PER_STEP)]
+    own_rates += [flops / seconds(fn) for fn, flops in own]
   step_s = statistics.median(times)
   shaped, shaped_flops = matmul_fn(tc.batch_size * tc.seq_len, config.model.d_model,
                                    config.model.mlp.width(config.model))
@@ -110,6 +125,9 @@ def bench_config(config: Config, steps: int) -> dict:
       "model_flops_per_s_best_step": tokens_per_step * (dense + attn) / min(times),
       "matmul_flops_per_s_median": mm_flops / statistics.median(mm_times),
       "matmul_flops_per_s_best": mm_flops / min(mm_times),
+      "own_shapes": [[tokens, k, n] for k, n in kernel_shapes(params)],
+      "own_matmul_flops_per_s_median": statistics.median(own_rates),
+      "own_matmuls_timed": len(own_rates),
       # The config's largest matmul alone (tokens x d_model x d_ff, forward shape), best of 10.
       "shaped_matmul_flops_per_s": shaped_flops / min(seconds(shaped) for _ in range(10)),
   }
@@ -125,6 +143,7 @@ def main(argv: list[str]) -> None:
   for r in results.values():
     r["ratio_to_matmul"] = r["model_flops_per_s"] / peak
     r["ratio_best_step"] = r["model_flops_per_s_best_step"] / peak
+    r["ratio_shaped"] = r["model_flops_per_s"] / r["own_matmul_flops_per_s_median"]
 
   print(f"float32 matmul {n}^3: peak (best of the run) {peak / 1e9:.1f} GFLOP/s; alone before the "
         f"configs: best {mm_flops / min(mm_times) / 1e9:.1f}, median "
@@ -132,9 +151,12 @@ def main(argv: list[str]) -> None:
   print("model FLOPs/token = 6 N + 12 L H Q T (PaLM app. B: full T x T attention, no causal "
         "halving); N = matmul weights incl. unembedding, excl. embedding table")
   print("ratio = median step / peak; best = best step / peak; mm: the reference matmul between "
-        "the config's steps; shaped: its (B T) x d_model x d_ff matmul alone (1e9 FLOP/s)")
+        "the config's steps; shaped: its (B T) x d_model x d_ff matmul alone (1e9 FLOP/s); "
+        "own: median of the step's own kernel shapes timed between its steps; r/own = median "
+        "step / own")
   head = (f"{'config':<11}{'B x T':>10}{'N':>12}{'MFLOP/tok':>10}{'step s':>8}{'tok/s':>8}"
-          f"{'GFLOP/s':>9}{'mm med':>8}{'mm best':>8}{'ratio':>7}{'best':>7}{'shaped':>8}")
+          f"{'GFLOP/s':>9}{'mm med':>8}{'mm best':>8}{'ratio':>7}{'best':>7}{'shaped':>8}"
+          f"{'own':>7}{'r/own':>7}")
   print(head)
   print("-" * len(head))
   for name, r in results.items():
@@ -143,7 +165,8 @@ def main(argv: list[str]) -> None:
           f"{r['tokens_per_s']:>8.0f}{r['model_flops_per_s'] / 1e9:>9.1f}"
           f"{r['matmul_flops_per_s_median'] / 1e9:>8.1f}{r['matmul_flops_per_s_best'] / 1e9:>8.1f}"
           f"{r['ratio_to_matmul']:>7.1%}{r['ratio_best_step']:>7.1%}"
-          f"{r['shaped_matmul_flops_per_s'] / 1e9:>8.1f}")
+          f"{r['shaped_matmul_flops_per_s'] / 1e9:>8.1f}"
+          f"{r['own_matmul_flops_per_s_median'] / 1e9:>7.1f}{r['ratio_shaped']:>7.1%}")
 
   out = {
       "machine": common.machine_info(),
@@ -152,6 +175,8 @@ def main(argv: list[str]) -> None:
                  "alone_flops_per_s_median": mm_flops / statistics.median(mm_times)},
       "flops_formula": "6*N_matmul + 12*L*H*Q*T per token (PaLM app. B; no causal halving)",
       "ratio": "model FLOP/s of the median step / peak (best reference matmul of the run)",
+      "ratio_shaped": "model FLOP/s of the median step / median FLOP/s of the step's own kernel "
+                      "shapes, timed between its steps",
       "configs": results,
   }
   common.write_results(out, FLAGS.out)
