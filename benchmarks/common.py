@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
+from experiments import lm
+from jaxtricks.config import Config
+from jaxtricks.layers.attention import AttentionConfig
+from jaxtricks.models.transformer import ModelConfig
 from jaxtricks.train.build import build
+from jaxtricks.train.config import TrainConfig
 
 
 def machine_info() -> dict:
@@ -20,6 +26,19 @@ def machine_info() -> dict:
           "backend": jax.default_backend(), "devices": jax.device_count(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def configs() -> dict[str, Config]:
+  """The `--exp=lm` default preset and a d_model=512 small LM (byte vocabulary)."""
+  d512 = Config(model=ModelConfig(d_model=512, n_layers=6, attention=AttentionConfig(n_heads=8)),
+                train=TrainConfig(batch_size=4, seq_len=256))
+  return {"lm_default": lm.get_config("default"), "d512": d512}
+
+
+def seconds(fn: Callable[[], object]) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - t0
 
 
 def write_results(out: dict, path: str) -> None:
@@ -47,4 +66,5 @@ def train_step_runner(config) -> tuple[Callable[[], dict], Any]:
     box["state"], metrics = step(box["state"], batch)
     return metrics
   one.state = lambda: box["state"]  # the current train state, for memory measurements
+  one.step, one.batch = step, batch  # for lowering the step (profiles)
   return one, state.params

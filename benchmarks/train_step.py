@@ -25,7 +25,6 @@ halving for the causal mask.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -34,11 +33,9 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import common
-from experiments import lm
+from benchmarks.common import configs, seconds
 from jaxtricks.config import Config
-from jaxtricks.layers.attention import AttentionConfig
 from jaxtricks.models.transformer import ModelConfig
-from jaxtricks.train.config import TrainConfig
 
 flags.DEFINE_string("out", "benchmarks/results/train_step.json", "JSON output path")
 flags.DEFINE_integer("steps", 10, "timed train steps per config (after 2 warm-up steps)")
@@ -49,13 +46,6 @@ WARMUP = 2
 MATMULS_PER_STEP = 3
 
 
-def configs() -> dict[str, Config]:
-  """The `--exp=lm` default preset and a d_model=512 small LM (byte vocabulary)."""
-  d512 = Config(model=ModelConfig(d_model=512, n_layers=6, attention=AttentionConfig(n_heads=8)),
-                train=TrainConfig(batch_size=4, seq_len=256))
-  return {"lm_default": lm.get_config("default"), "d512": d512}
-
-
 def matmul_fn(m: int, k: int, n: int) -> tuple[Callable[[], jax.Array], int]:
   """A jitted float32 (m, k) @ (k, n) matmul, warmed up, and its FLOPs."""
   a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
@@ -64,12 +54,6 @@ def matmul_fn(m: int, k: int, n: int) -> tuple[Callable[[], jax.Array], int]:
   for _ in range(WARMUP):
     f(a, b).block_until_ready()
   return lambda: f(a, b), 2 * m * k * n
-
-
-def seconds(fn: Callable[[], object]) -> float:
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t0
 
 
 def kernel_shapes(params) -> list[tuple[int, int]]:
