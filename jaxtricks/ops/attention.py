@@ -147,8 +147,14 @@ def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str, zero_empty: bool = False) -> 
                                 preferred_element_type=jnp.float32) * (h ** -0.5)
   if mask_BxTxS is not None:
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _NEG_INF)
-  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"BKGTS,{kv}->{qs}", probs, v)
+  # Softmax normalised after the value product: T x H divisions instead of T x S.
+  max_BxKxGxTx1 = jax.lax.stop_gradient(jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True))
+  unnorm = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1)
+  den = jnp.sum(unnorm, axis=-1)
+  out = jnp.einsum(f"BKGTS,{kv}->{qs}", unnorm.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  den = den.transpose(0, 3, 1, 2) if qs == "BTKGH" else den
+  out = (out / den[..., None]).astype(v.dtype)
   if qs == "BKGTH":
     out = out.transpose(0, 3, 1, 2, 4)
   out = out.reshape(b, t, n, h)
