@@ -35,10 +35,11 @@ flags.DEFINE_integer("top", 5, "rows of the printed table")
 flags.DEFINE_string("out", "", "JSON output path (none: print only)")
 FLAGS = flags.FLAGS
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^ ]* ?([\w\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_MATMUL_OPS = ("dot", "convolution")
 _MATMUL = re.compile(r"\b(dot|convolution)\(")
 _LOOP_SCOPES = {"while", "body", "cond", "closed_call", "scan"}
 _WRAPPERS = re.compile(r"^(jvp|transpose|vmap|remat|checkpoint|pjit|jit)\((.*)\)$")
@@ -78,12 +79,11 @@ def parse_hlo(text: str) -> dict[str, tuple[str, bool]]:
       m = _INSTR.match(line)
       if not m:
         continue
-      name = m.group(1)
+      name, opcode = m.groups()
       calls = (c := _CALLS.search(line)) and c.group(1)
       op_name = (o := _OP_NAME.search(line)) and o.group(1)
       called = "\n".join(bodies.get(calls, ())) if calls else ""
-      is_mm = bool(_MATMUL.search(line.split(" = ", 1)[1].split("(", 1)[0] + "(")
-                   or _MATMUL.search(called))
+      is_mm = opcode in _MATMUL_OPS or bool(_MATMUL.search(called))
       out.setdefault(name, (source_op(op_name) if op_name else name, is_mm))
   return out
 
@@ -94,8 +94,7 @@ def profile(config, steps: int) -> dict:
   one, _ = common.train_step_runner(config)
   for _ in range(3):
     jax.block_until_ready(one())
-  built_step = one.step
-  hlo = parse_hlo(built_step.__wrapped__.lower(one.state(), one.batch).compile().as_text())
+  hlo = parse_hlo(one.step.__wrapped__.lower(one.state(), one.batch).compile().as_text())
   with tempfile.TemporaryDirectory() as tmp:
     jax.profiler.start_trace(tmp, create_perfetto_trace=True)
     times = []

@@ -56,13 +56,15 @@ def matmul_fn(m: int, k: int, n: int) -> tuple[Callable[[], jax.Array], int]:
   return lambda: f(a, b), 2 * m * k * n
 
 
+def kernels(params) -> list[jax.Array]:
+  """The model's Linear kernels (every `kernel` leaf: attention, MLP, unembedding)."""
+  return [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+          if jax.tree_util.keystr(path).endswith("['kernel']")]
+
+
 def kernel_shapes(params) -> list[tuple[int, int]]:
   """The distinct (in, out) shapes of the model's Linear kernels, leading axes folded into out."""
-  shapes = set()
-  for path, x in jax.tree_util.tree_leaves_with_path(params):
-    if jax.tree_util.keystr(path).endswith("['kernel']"):
-      shapes.add((int(x.shape[0]), int(np.prod(x.shape[1:]))))
-  return sorted(shapes)
+  return sorted({(int(x.shape[0]), int(np.prod(x.shape[1:]))) for x in kernels(params)})
 
 
 def model_flops_per_token(cfg: ModelConfig, n_matmul: int, seq_len: int) -> tuple[int, int]:
@@ -75,25 +77,24 @@ def bench_config(config: Config, steps: int) -> dict:
   config.validate()
   tc = config.train
   one, params = common.train_step_runner(config)
-  n_matmul = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(
-      params) if jax.tree_util.keystr(path).endswith("['kernel']"))
+  n_matmul = sum(int(np.prod(x.shape)) for x in kernels(params))
 
   first_s = seconds(one)  # compilation and the first step
   for _ in range(WARMUP - 1):
     seconds(one)
   matmul, mm_flops = matmul_fn(FLAGS.matmul_n, FLAGS.matmul_n, FLAGS.matmul_n)
-  tokens = tc.batch_size * tc.seq_len
-  own = [matmul_fn(tokens, k, n) for k, n in kernel_shapes(params)]
+  tokens_per_step = tc.batch_size * tc.seq_len
+  shapes = kernel_shapes(params)
+  own = [matmul_fn(tokens_per_step, k, n) for k, n in shapes]
   times, mm_times, own_rates = [], [], []
   for _ in range(steps):
     times.append(seconds(one))
     mm_times += [seconds(matmul) for _ in range(MATMULS_PER_STEP)]
     own_rates += [flops / seconds(fn) for fn, flops in own]
   step_s = statistics.median(times)
-  shaped, shaped_flops = matmul_fn(tc.batch_size * tc.seq_len, config.model.d_model,
+  shaped, shaped_flops = matmul_fn(tokens_per_step, config.model.d_model,
                                    config.model.mlp.width(config.model))
   dense, attn = model_flops_per_token(config.model, n_matmul, tc.seq_len)
-  tokens_per_step = tc.batch_size * tc.seq_len
   mc = config.model
   return {
       "model": {"d_model": mc.d_model, "n_layers": mc.n_layers,
@@ -109,7 +110,7 @@ def bench_config(config: Config, steps: int) -> dict:
       "model_flops_per_s_best_step": tokens_per_step * (dense + attn) / min(times),
       "matmul_flops_per_s_median": mm_flops / statistics.median(mm_times),
       "matmul_flops_per_s_best": mm_flops / min(mm_times),
-      "own_shapes": [[tokens, k, n] for k, n in kernel_shapes(params)],
+      "own_shapes": [[tokens_per_step, k, n] for k, n in shapes],
       "own_matmul_flops_per_s_median": statistics.median(own_rates),
       "own_matmuls_timed": len(own_rates),
       # The config's largest matmul alone (tokens x d_model x d_ff, forward shape), best of 10.

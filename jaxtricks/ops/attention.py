@@ -149,11 +149,11 @@ def _grouped(q_BxTxNxH, k, v, mask_BxTxS, kv: str, zero_empty: bool = False) -> 
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _NEG_INF)
   # Softmax normalised after the value product: T x H divisions instead of T x S.
   max_BxKxGxTx1 = jax.lax.stop_gradient(jnp.max(logits_BxKxGxTxS, axis=-1, keepdims=True))
-  unnorm = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1)
-  den = jnp.sum(unnorm, axis=-1)
-  out = jnp.einsum(f"BKGTS,{kv}->{qs}", unnorm.astype(v.dtype), v,
+  unnorm_BxKxGxTxS = jnp.exp(logits_BxKxGxTxS - max_BxKxGxTx1)
+  den_BxKxGxT = jnp.sum(unnorm_BxKxGxTxS, axis=-1)
+  out = jnp.einsum(f"BKGTS,{kv}->{qs}", unnorm_BxKxGxTxS.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
-  den = den.transpose(0, 3, 1, 2) if qs == "BTKGH" else den
+  den = den_BxKxGxT.transpose(0, 3, 1, 2) if qs == "BTKGH" else den_BxKxGxT
   out = (out / den[..., None]).astype(v.dtype)
   if qs == "BKGTH":
     out = out.transpose(0, 3, 1, 2, 4)
