@@ -18,8 +18,11 @@ from jaxtricks.config import override
 from jaxtricks.train.loop import train
 from tests.support import SMOKE_OVERRIDES
 
+# Blockwise attention too: its all-to-all beside the optimizer's all-reduce once deadlocked the
+# XLA:CPU thread pool on 8 fake devices (jaxtricks/cpu_threads.py).
 SLOPE_OVERRIDES = {"model.projection": "slope", "model.projection.adapter_rank": 2,
-                   "model.projection.adapter_start": 0.5}
+                   "model.projection.adapter_start": 0.5, "model.attention.impl": "blockwise",
+                   "model.attention.block_size": 32}
 
 MESHES = {
     "fsdp8": {},  # the default: mesh.fsdp=-1 takes all 8 devices
@@ -61,7 +64,8 @@ def main(workdir: str, one_device_workdir: str) -> None:
   # The multi-token model: its memory-efficient loss (a custom VJP over a scan) under FSDP.
   config = override(get_config("mtp", "smoke"), SMOKE_OVERRIDES)
   train(config, str(pathlib.Path(workdir) / "mtp_fsdp8"))
-  # SLoPe with lazy adapters: custom VJPs, kept-only optimizer state and the late adapter step.
+  # SLoPe with lazy adapters (custom VJPs, kept-only optimizer state, the late adapter step) and
+  # blockwise attention.
   config = override(get_config("lm", "smoke"), {**SMOKE_OVERRIDES, **SLOPE_OVERRIDES})
   train(config, str(pathlib.Path(workdir) / "slope_fsdp8"))
   # 1 -> all devices: the one-device run's step-3 checkpoint continued on the default mesh.
