@@ -1,4 +1,4 @@
-"""Run by tests/test_sharding.py in a process with the fake CPU devices: the smoke run of the
+"""Run by tests/test_sharded_runs.py in a process with the fake CPU devices: the smoke run of the
 shared one-device reference under two meshes, then each run's parameter layout as JSON on stdout;
 the multi-token and SLoPe smoke runs under FSDP; and the one-device smoke run's checkpoint of
 step 3 resumed here on every device (a topology change, 1 -> 8).
