@@ -1,11 +1,13 @@
 """Train-step throughput against this machine's dense matmul peak (model FLOP utilisation).
 
     python -m benchmarks.train_step [--out=benchmarks/results/train_step.json] [--steps=N]
+                                    [--set=model.attention.impl=blockwise,...]
 
 Measures (1) the FLOP/s of a jitted float32 square matmul and (2) for the `--exp=lm` default
 preset and a d_model=512 small LM, the real train step (state_shardings, init_state,
 make_train_step, jit_train_step on the mesh of MeshConfig(), as the training loop builds it):
-tokens/s, model FLOP/s and their ratio to the matmul FLOP/s.
+tokens/s, model FLOP/s and their ratio to the matmul FLOP/s. `--set` applies the same config
+overrides to both configs (e.g. another attention implementation).
 
 Two ratios divide the model FLOP/s of the median step:
   - `ratio`: by the best FLOP/s of the square reference matmul over the whole run (the machine's
@@ -34,12 +36,13 @@ from absl import app, flags
 
 from benchmarks import common
 from benchmarks.common import configs, seconds
-from jaxtricks.config import Config
+from jaxtricks.config import Config, override
 from jaxtricks.models.transformer import ModelConfig
 
 flags.DEFINE_string("out", "benchmarks/results/train_step.json", "JSON output path")
 flags.DEFINE_integer("steps", 10, "timed train steps per config (after 2 warm-up steps)")
 flags.DEFINE_integer("matmul_n", 2048, "size of the square reference matmul")
+flags.DEFINE_list("set", [], "overrides key=value for both configs, e.g. model.attention.impl=xla")
 FLAGS = flags.FLAGS
 
 WARMUP = 2
@@ -100,7 +103,7 @@ def bench_config(config: Config, steps: int) -> dict:
       "model": {"d_model": mc.d_model, "n_layers": mc.n_layers,
                 "n_heads": mc.attention.n_heads, "head_dim": mc.dim_per_head,
                 "d_ff": mc.mlp.width(mc), "vocab_size": mc.vocab_size, "dtype": mc.dtype,
-                "attn_impl": mc.attention.impl},
+                "attn_impl": mc.attention.impl, "attn_block_size": mc.attention.block_size},
       "batch_size": tc.batch_size, "seq_len": tc.seq_len, "matmul_params": n_matmul,
       "flops_per_token": dense + attn, "flops_per_token_dense": dense,
       "flops_per_token_attention": attn, "first_step_s": first_s,
@@ -123,7 +126,9 @@ def main(argv: list[str]) -> None:
   n = FLAGS.matmul_n
   matmul, mm_flops = matmul_fn(n, n, n)
   mm_times = [seconds(matmul) for _ in range(10)]
-  results = {name: bench_config(config, FLAGS.steps) for name, config in configs().items()}
+  updates = dict(kv.split("=", 1) for kv in FLAGS.set)
+  results = {name: bench_config(override(config, updates), FLAGS.steps)
+             for name, config in configs().items()}
   peak = max(mm_flops / min(mm_times), *(r["matmul_flops_per_s_best"] for r in results.values()))
   for r in results.values():
     r["ratio_to_matmul"] = r["model_flops_per_s"] / peak
@@ -162,6 +167,7 @@ def main(argv: list[str]) -> None:
       "ratio": "model FLOP/s of the median step / peak (best reference matmul of the run)",
       "ratio_shaped": "model FLOP/s of the median step / median FLOP/s of the step's own kernel "
                       "shapes, timed between its steps",
+      "overrides": updates,
       "configs": results,
   }
   common.write_results(out, FLAGS.out)
