@@ -29,7 +29,7 @@ def loss_and_grads(cfg, params):
   def loss(p):
     logits = Transformer(cfg).apply({"params": p}, TOKENS)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-  return jax.value_and_grad(loss)(params)
+  return jax.jit(jax.value_and_grad(loss))(params)  # jitted: eager dispatch is slower here
 
 
 @pytest.mark.parametrize("name", list(MODELS))
