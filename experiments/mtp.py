@@ -37,6 +37,7 @@ import time
 import jax
 import numpy as np
 
+from experiments import mtp_text
 from experiments.variants import run_variants, variant_key
 from jaxtricks import metrics as mlog
 from jaxtricks.config import Config, flatten, to_dict
@@ -324,7 +325,7 @@ def run(config: MtpConfig, workdir: str) -> dict:
       row = {"variant": name, "kind": mtp.kind, "heads": mtp.heads, "depth": cfg.model.depth,
              "blocks": cfg.model.depth + (mtp.heads - 1 if mtp.blocks else 0),
              **_one_run(cfg, directory, f"mtp/{name}")}
-      mlog.log_progress(f"{name}: " + _row_text(row))
+      mlog.log_progress(f"{name}: " + mtp_text.row_text(row))
       return row
 
     mlog.write_json(os.path.join(workdir, "config.json"), dict(to_dict(config), exp="mtp"))
@@ -332,75 +333,14 @@ def run(config: MtpConfig, workdir: str) -> dict:
         configs[name], ignore=("compare_heads", "compare_kinds")), one, subdir="runs")
     summary = {"exp": "mtp", "runs": runs, **runs[-1]}
     if config.compare_kinds:
-      for line in _kinds_table(runs):
+      for line in mtp_text.kinds_table(runs):
         mlog.log_progress(line)
   summary.update(steps=config.train.steps, wall_s=time.time() - t_start, config=flatten(config))
-  mlog.log_progress(_row_text(summary))
-  for line in _slower_text(summary):
+  mlog.log_progress(mtp_text.row_text(summary))
+  for line in mtp_text.slower_text(summary):
     mlog.log_progress(line)
   mlog.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
-
-
-def _kinds_table(runs: list[dict]) -> list[str]:
-  """The `compare_kinds` table: per run its blocks, next-token loss, per-head accuracy, chain and
-  tree tokens per forward, pass costs and speedups at batch B and 1 (chain / tree)."""
-  lines = [f"{'variant':<12} {'blocks':>6} {'params':>8} {'val loss':>8}  "
-           f"{'acc/head':<24} {'tok/fwd chain tree':>19} {'pass cost B':>12} "
-           f"{'pass cost 1':>12} {'speedup B':>10} {'speedup 1':>10}"]
-  for r in runs:
-    methods = r.get("spec", {}).get("methods", {})
-
-    def cols(batch, key, fmt, methods=methods, r=r):
-      got = [m[key] for m in methods.get(batch, {}).values()] if r["heads"] > 1 else []
-      return " ".join(fmt.format(x) for x in got) or "-"
-    lines.append(
-        f"{r['variant']:<12} {r['blocks']:>6} {r['params'] / 1e6:>7.2f}M "
-        f"{r['val_loss_per_head'][0]:>8.3f}  "
-        f"{' '.join(f'{a:.3f}' for a in r['val_acc_per_head']):<24} "
-        f"{cols('batch', 'tokens_per_forward', '{:.2f}'):>19} "
-        f"{cols('batch', 'pass_cost', '{:.2f}'):>12} {cols('batch1', 'pass_cost', '{:.2f}'):>12} "
-        f"{cols('batch', 'speedup_vs_greedy', '{:.2f}'):>10} "
-        f"{cols('batch1', 'speedup_vs_greedy', '{:.2f}'):>10}")
-  return lines
-
-
-def _row_text(r: dict) -> str:
-  parts = [f"heads {r['heads']}", "val loss/head " + " ".join(f"{x:.3f}"
-                                                             for x in r["val_loss_per_head"]),
-           "acc/head " + " ".join(f"{x:.3f}" for x in r["val_acc_per_head"])]
-  if "task" in r:
-    parts += [f"{k} {v:.3f}" for k, v in r["task"].items() if isinstance(v, float)]
-  if "spec" in r:
-    s = r["spec"]
-    for batch, label in (("batch", f"batch {s['prompts']}"), ("batch1", "batch 1")):
-      methods = s["methods"][batch]
-      parts.append(f"{label}: " + ", ".join(
-          f"{k} {m['tokens_per_forward']:.2f} tok/fwd {m['speedup_vs_greedy']:.2f}x"
-          for k, m in methods.items()) + f"; best {_best_text(s['best'][batch])}")
-    parts.append(f"identical {s['identical_to_greedy']}")
-  mem = r["mem"]
-  parts.append(f"loss temp MiB naive {mem['loss_temp_bytes_naive'] / 2**20:.1f} "
-               f"efficient {mem['loss_temp_bytes_efficient'] / 2**20:.1f}")
-  return " | ".join(parts)
-
-
-def _best_text(best: dict) -> str:
-  if best["method"] == "greedy":
-    return "greedy (no lossless speculative decoding is faster here)"
-  return f"{best['method']} {best['speedup_vs_greedy']:.2f}x"
-
-
-def _slower_text(r: dict) -> list[str]:
-  """The plain statements of the printed summary: which decodings are slower than greedy, why."""
-  spec = r.get("spec")
-  if not spec:
-    return []
-  lines = [f"batch {spec['prompts'] if batch == 'batch' else 1}: {note}"
-           for batch in ("batch", "batch1") for note in spec["best"][batch]["notes"]]
-  if spec.get("tree_unavailable"):
-    lines.append(f"no tree decoding: {spec['tree_unavailable']}")
-  return lines
 
 
 def _plot(workdir: str, n: int) -> list[str]:
