@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import app
 
 from experiments import lm
 from jaxtricks.config import Config
@@ -33,6 +34,15 @@ def configs() -> dict[str, Config]:
   d512 = Config(model=ModelConfig(d_model=512, n_layers=6, attention=AttentionConfig(n_heads=8)),
                 train=TrainConfig(batch_size=4, seq_len=256))
   return {"lm_default": lm.get_config("default"), "d512": d512}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+  """`--set` entries key=value as config overrides (jaxtricks.config.override); a malformed
+  entry is a usage error (one line from absl, no traceback)."""
+  bad = [p for p in pairs if "=" not in p]
+  if bad:
+    raise app.UsageError(f"--set entries must be key=value, got {', '.join(bad)}")
+  return dict(p.split("=", 1) for p in pairs)
 
 
 def seconds(fn: Callable[[], object]) -> float:

@@ -119,7 +119,7 @@ def profile(config, steps: int) -> dict:
 def main(argv: list[str]) -> None:
   del argv
   config = common.configs()[FLAGS.config]
-  updates = dict(kv.split("=", 1) for kv in FLAGS.set)
+  updates = common.parse_overrides(FLAGS.set)
   config = override(config, updates)
   config.validate()
   result = profile(config, FLAGS.steps)

@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
   n = FLAGS.matmul_n
   matmul, mm_flops = matmul_fn(n, n, n)
   mm_times = [seconds(matmul) for _ in range(10)]
-  updates = dict(kv.split("=", 1) for kv in FLAGS.set)
+  updates = common.parse_overrides(FLAGS.set)
   results = {name: bench_config(override(config, updates), FLAGS.steps)
              for name, config in configs().items()}
   peak = max(mm_flops / min(mm_times), *(r["matmul_flops_per_s_best"] for r in results.values()))

@@ -1,6 +1,11 @@
-"""benchmarks/profile_step.py's HLO reading: source ops and matmul marks of instructions."""
+"""benchmarks/profile_step.py's HLO reading (source ops and matmul marks of instructions) and
+the benchmarks' --set parsing."""
+
+import pytest
+from absl import app
 
 from benchmarks import profile_step
+from benchmarks.common import parse_overrides
 
 _MM = "jit(step)/transpose(jvp(Transformer))/Transformer.hidden/block_3/mlp/up/dot_general"
 _EXP = "jit(step)/jvp(Transformer)/block_0/attn/while/body/closed_call/exp"
@@ -36,3 +41,10 @@ def test_parse_hlo_names_source_ops_and_marks_matmuls():
   assert ops["loop_fusion"] == ("attn/exp", False)
   assert ops["add.7"] == ("step/add", False)
   assert ops["dot.1"] == ("dot.1", True)  # no metadata: its own name
+
+
+def test_set_overrides_are_key_value_pairs():
+  assert parse_overrides(["model.attention.impl=xla", "a=b=c"]) == {
+      "model.attention.impl": "xla", "a": "b=c"}
+  with pytest.raises(app.UsageError, match="key=value, got oops"):
+    parse_overrides(["oops"])
